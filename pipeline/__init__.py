@@ -1,0 +1,3 @@
+"""Staged, tracked, resumable ablation studies of variational autoencoders."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""Command line: argument parsing only; each command calls one stage function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_USAGE, EXIT_DIVERGED = 2, 3
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="verify and split a dataset into cached uint8 tensors")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or mnist")
+    p.add_argument("--raw-dir", help="directory with the four IDX files, plain or .gz "
+                   "(default: where Debian's dataset-fashion-mnist installs them)")
+    p.add_argument("--val-size", type=int, default=5000, help="images held out of the official train set (default 5000)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument("--download", action="store_true", help="download with torchvision if no local copy is found (needs internet)")
+    p.add_argument("--force", action="store_true", help="redo even if a valid cache exists")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train one VAE config (skips finished runs, resumes interrupted ones)")
+    p.add_argument("--config", help="YAML file with the keys that differ from the defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set objective.beta=4 (repeatable)")
+    p.add_argument("--run-dir", help="where checkpoints go (default runs/<experiment>/<config hash>)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint (error if none)")
+    g.add_argument("--restart", action="store_true", help="discard the run directory's checkpoint and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _add_ui(sub) -> None:
+    p = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 against the project's tracking store")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vae-pipeline", description="Staged, tracked, resumable VAE ablations.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_prepare(sub)
+    _add_train(sub)
+    _add_ui(sub)
+    return parser
+
+
+def _cmd_prepare(args) -> int:
+    from pipeline.data import prepare
+
+    prepare(
+        args.dataset,
+        val_size=args.val_size,
+        split_seed=args.split_seed,
+        raw_dir=args.raw_dir,
+        download=args.download,
+        force=args.force,
+    )
+    return 0
+
+
+def _cmd_train(args) -> int:
+    import yaml
+
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    from pipeline.train import train_stage
+
+    mode = "resume" if args.resume else "restart" if args.restart else "auto"
+    result = train_stage(cfg, args.run_dir, mode=mode, progress=False if args.no_progress else None)
+    if result.status == "diverged":
+        return EXIT_DIVERGED
+    where = f"MLflow run {result.run_id}" if result.run_id else "tracking disabled"
+    print(f"[train] {result.status}: {result.run_dir} ({where})")
+    if result.run_id:
+        print("[train] browse it with: make ui  (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def _cmd_ui(args) -> int:
+    import os
+
+    from pipeline import paths
+    from pipeline.tracking import tracking_uri
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
+           "--host", args.host, "--port", str(args.port)]
+    if tracking_uri().startswith("sqlite:"):
+        cmd += ["--default-artifact-root", paths.mlflow_artifacts().as_uri()]
+    print(f"[ui] MLflow UI on http://{args.host}:{args.port}  (store: {tracking_uri()})", flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, DataError)
+    try:
+        from pipeline.train import RunDirError
+
+        errors += (RunDirError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        return {"prepare": _cmd_prepare, "train": _cmd_train, "ui": _cmd_ui}[args.command](args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

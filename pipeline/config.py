@@ -1,0 +1,260 @@
+"""Run configuration: frozen, validated on load, overridable with ``--set a.b=c``.
+
+Every key has a default here, next to what it configures; a YAML file or a study only says
+what differs. Unknown keys and values outside a registry fail at load time with the key's
+dotted name and the allowed keys or values, before any data is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.likelihoods import LIKELIHOODS
+from pipeline.objectives import BETA_SCHEDULES, FREE_BITS_MODES
+
+DATASETS = ("fashion-mnist", "mnist")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who typed it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _one_of(value: str, allowed, key: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of: {', '.join(sorted(allowed))}")
+    return value
+
+
+class DataConfig(_Section):
+    dataset: str = "fashion-mnist"
+    val_size: int = Field(5000, ge=1, le=30000)
+    split_seed: int = 0
+    binarize: Literal["none", "dynamic", "static"] = "none"
+    # Train on the first N training images only (smoke runs, tests); None = all.
+    train_subset: int | None = Field(None, ge=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return _one_of(v, DATASETS, "data.dataset")
+
+
+class ModelConfig(_Section):
+    arch: Literal["mlp", "conv"] = "mlp"
+    latent_dim: int = Field(20, ge=1, le=512)
+    hidden_dim: int = Field(400, ge=8, le=8192)
+    encoder_depth: int = Field(1, ge=1, le=6)
+    decoder_depth: int = Field(1, ge=1, le=6)
+    # Conv channels at the lowest resolution; ignored by the MLP.
+    channels: int = Field(64, ge=4, le=1024)
+
+
+class LikelihoodConfig(_Section):
+    name: str = "bernoulli"
+    # Fixed scale: σ of `gaussian`, b of `laplace`, on intensities in [0, 1].
+    scale: float = Field(0.1, gt=0)
+    # σ-VAE soft lower clip on log σ (Rybkin et al. 2021 use −6).
+    min_log_sigma: float = -6.0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _one_of(v, LIKELIHOODS, "likelihood.name")
+
+
+class ObjectiveConfig(_Section):
+    beta: float = Field(1.0, ge=0)
+    schedule: str = "constant"
+    warmup_steps: int = Field(1000, ge=1)
+    delay_steps: int = Field(0, ge=0)
+    cycles: int = Field(4, ge=1)
+    ramp_ratio: float = Field(0.5, gt=0, le=1)
+    free_bits: str = "none"
+    # λ in nats: per dimension for `per_dim`, for the whole KL for `total`.
+    free_bits_lambda: float = Field(0.0, ge=0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        return _one_of(v, BETA_SCHEDULES, "objective.schedule")
+
+    @field_validator("free_bits")
+    @classmethod
+    def _free_bits(cls, v: str) -> str:
+        return _one_of(v, FREE_BITS_MODES, "objective.free_bits")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    grad_clip: float | None = Field(100.0, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # Images per recon/sample grid logged each epoch.
+    grid_images: int = Field(64, ge=1, le=256)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda", "mps") or v.startswith("cuda:"):
+            return v
+        raise ValueError(f"train.device={v!r} is not one of: auto, cpu, cuda, cuda:N, mps")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    experiment: str = "default"
+    run_name: str | None = None
+    # Per-step metrics are buffered on the device and sent every this many steps.
+    flush_every: int = Field(100, ge=1)
+
+
+class RunConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    likelihood: LikelihoodConfig = LikelihoodConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("likelihood", mode="before")
+    @classmethod
+    def _likelihood_shorthand(cls, v: Any) -> Any:
+        # `likelihood: bernoulli` is the common case in study files.
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.data.binarize != "none" and self.likelihood.name != "bernoulli":
+            raise ValueError(
+                f"data.binarize={self.data.binarize!r} only makes sense with likelihood.name='bernoulli' "
+                f"(got {self.likelihood.name!r}); set data.binarize=none"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        return flatten(self.to_dict())
+
+    def result_hash(self) -> str:
+        """Hash of everything that changes the trained weights (not device or tracking)."""
+        d = self.to_dict()
+        d.pop("tracking")
+        d["train"].pop("device")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _section_model(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return model
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            section = _section_model(loc[:-1])
+            where = ".".join(loc[:-1]) or "the top level"
+            lines.append(
+                f"unknown key {key!r}; allowed keys in {where}: {', '.join(_allowed_keys(section))}"
+            )
+        elif e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            lines.append(f"{key}={e.get('input')!r} is not one of: {allowed}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(msg if key and key.split(".")[-1] in msg else f"{key}: {msg} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML rules, so `--set train.grad_clip=null` and `--set objective.beta=1e-3` behave as in a file.
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply ``a.b=c`` strings (or a {dotted: value} mapping) onto a nested dict, strictly."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    out = json.loads(json.dumps(d))
+    for dotted, value in items:
+        parts = dotted.split(".")
+        node = out
+        for p in parts[:-1]:
+            if p not in node or not isinstance(node[p], dict):
+                node[p] = {} if p not in node else {"name": node[p]}
+            node = node[p]
+        node[parts[-1]] = value
+    return out
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. objective.beta=4")
+    key, _, value = text.partition("=")
+    return key.strip(), _parse_scalar(value)
+
+
+def build_config(data: dict[str, Any] | None = None, overrides=()) -> RunConfig:
+    """Validate a nested dict (plus overrides) into a RunConfig, or raise ConfigError."""
+    raw = dict(data or {})
+    if isinstance(raw.get("likelihood"), str):
+        raw["likelihood"] = {"name": raw["likelihood"]}
+    raw = apply_overrides(raw, list(overrides) if not isinstance(overrides, dict) else overrides)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides=()) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...), got {type(data).__name__}")
+    return build_config(data, overrides)

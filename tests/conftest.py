@@ -1,0 +1,50 @@
+"""Shared fixtures: an isolated pipeline home per test, with the prepared dataset linked in."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prepared_data_dir(tmp_path_factory) -> Path:
+    """The repo's prepared data (``make setup`` makes it), else prepared once into a temp dir."""
+    from pipeline.data import DataError, processed_dir, prepare
+
+    repo_data = REPO / "data"
+    if (processed_dir("fashion-mnist", 5000, 0, repo_data) / "manifest.json").exists():
+        return repo_data
+    root = tmp_path_factory.mktemp("data")
+    try:
+        prepare("fashion-mnist", root=root, log=lambda *_: None)
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    return root
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, prepared_data_dir) -> Path:
+    """A fresh VAE_PIPELINE_HOME (own mlflow.db, runs/) sharing the prepared dataset."""
+    (tmp_path / "data").symlink_to(prepared_data_dir, target_is_directory=True)
+    monkeypatch.setenv("VAE_PIPELINE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def bare_home(tmp_path, monkeypatch) -> Path:
+    """A home with no data at all."""
+    monkeypatch.setenv("VAE_PIPELINE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def subprocess_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["VAE_PIPELINE_HOME"] = str(home)
+    env["PYTHONPATH"] = str(REPO)
+    return env

@@ -1,0 +1,108 @@
+"""Config validation: every bad key or value is named, with what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, build_config, load_config
+from pipeline.likelihoods import LIKELIHOODS
+
+from .conftest import REPO, subprocess_env
+
+
+def test_defaults_validate_and_hash_is_stable():
+    a, b = build_config(), build_config({})
+    assert a == b and a.result_hash() == b.result_hash()
+    assert build_config(overrides=["objective.beta=4"]).result_hash() != a.result_hash()
+    # Device and tracking do not change the result, so they do not change the hash.
+    assert build_config(overrides=["train.device=cpu", "tracking.experiment=x"]).result_hash() == a.result_hash()
+
+
+def test_unknown_key_names_itself_and_the_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=["model.latnt_dim=8"])
+    msg = str(e.value)
+    assert "model.latnt_dim" in msg and "latent_dim" in msg and "decoder_depth" in msg
+
+
+def test_unknown_section_names_the_allowed_sections():
+    with pytest.raises(ConfigError) as e:
+        build_config({"modle": {"latent_dim": 3}})
+    assert "'modle'" in str(e.value) and "objective" in str(e.value)
+
+
+def test_likelihood_outside_the_registry_lists_the_registry():
+    with pytest.raises(ConfigError) as e:
+        build_config({"likelihood": "gausian"})
+    msg = str(e.value)
+    assert "likelihood.name='gausian'" in msg
+    assert all(name in msg for name in LIKELIHOODS)
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("objective.schedule=cosine", ["objective.schedule", "cyclical", "sigmoid"]),
+        ("objective.free_bits=perdim", ["objective.free_bits", "per_dim", "total"]),
+        ("model.arch=resnet", ["model.arch", "mlp", "conv"]),
+        ("model.decoder_depth=7", ["model.decoder_depth", "6"]),
+        ("objective.beta=-1", ["objective.beta"]),
+        ("train.device=tpu", ["train.device", "cuda"]),
+        ("data.dataset=cifar10", ["data.dataset", "fashion-mnist", "mnist"]),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, needles):
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=[override])
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_overrides_parse_yaml_scalars_and_the_likelihood_shorthand():
+    cfg = build_config(
+        {"likelihood": "laplace"},
+        ["objective.beta=1e-3", "train.grad_clip=null", "likelihood.scale=0.05", "data.train_subset=256"],
+    )
+    assert cfg.likelihood.name == "laplace" and cfg.likelihood.scale == 0.05
+    assert cfg.objective.beta == 1e-3 and cfg.train.grad_clip is None and cfg.data.train_subset == 256
+
+
+def test_override_without_equals_is_explained():
+    with pytest.raises(ConfigError, match="key=value"):
+        build_config(overrides=["objective.beta"])
+
+
+def test_binarize_requires_bernoulli():
+    with pytest.raises(ConfigError, match="data.binarize"):
+        build_config({"likelihood": "gaussian", "data": {"binarize": "dynamic"}})
+
+
+def test_files_missing_or_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {latent_dim: [}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+def test_cli_reports_a_bad_key_before_anything_runs(bare_home):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--set", "objective.bta=2"],
+        capture_output=True, text=True, env=subprocess_env(bare_home), cwd=bare_home, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "objective.bta" in proc.stderr and "beta" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (bare_home / "mlflow.db").exists() and not (bare_home / "runs").exists()
