@@ -37,9 +37,9 @@ $(PREPARED): | $(STAMP)
 
 setup: $(STAMP) $(PREPARED) ## create .venv, install the package (editable, dev extras) and prepare the dataset
 
-data: $(STAMP) ## prepare the dataset (DATASET=fashion-mnist|mnist; cached)
+data: $(STAMP) ## prepare the dataset (DATASET=fashion-mnist|mnist; DOWNLOAD=1 allows a torchvision download)
 	@$(DEBIAN_DATA)
-	$(PY) -m pipeline prepare --dataset $(DATASET)
+	$(PY) -m pipeline prepare --dataset $(DATASET) $(if $(DOWNLOAD),--download)
 
 train: setup ## train one config (CONFIG=file.yaml SET="objective.beta=4 train.epochs=5"); reruns resume
 	$(PY) -m pipeline train --config $(CONFIG) $(foreach s,$(SET),--set $(s))

@@ -2,4 +2,6 @@ import sys
 
 from pipeline.cli import main
 
-sys.exit(main())
+# Guarded: the MLflow writer process is started with `spawn`, which imports this module again.
+if __name__ == "__main__":
+    sys.exit(main())

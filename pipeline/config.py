@@ -129,12 +129,6 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    @field_validator("likelihood", mode="before")
-    @classmethod
-    def _likelihood_shorthand(cls, v: Any) -> Any:
-        # `likelihood: bernoulli` is the common case in study files.
-        return {"name": v} if isinstance(v, str) else v
-
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         if self.data.binarize != "none" and self.likelihood.name != "bernoulli":
@@ -218,10 +212,10 @@ def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any]) ->
     for dotted, value in items:
         parts = dotted.split(".")
         node = out
-        for p in parts[:-1]:
-            if p not in node or not isinstance(node[p], dict):
-                node[p] = {} if p not in node else {"name": node[p]}
-            node = node[p]
+        for i, p in enumerate(parts[:-1]):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {dotted!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node[parts[-1]] = value
     return out
 
@@ -237,7 +231,7 @@ def build_config(data: dict[str, Any] | None = None, overrides=()) -> RunConfig:
     """Validate a nested dict (plus overrides) into a RunConfig, or raise ConfigError."""
     raw = dict(data or {})
     if isinstance(raw.get("likelihood"), str):
-        raw["likelihood"] = {"name": raw["likelihood"]}
+        raw["likelihood"] = {"name": raw["likelihood"]}  # `likelihood: bernoulli` shorthand
     raw = apply_overrides(raw, list(overrides) if not isinstance(overrides, dict) else overrides)
     try:
         return RunConfig.model_validate(raw)

@@ -10,8 +10,8 @@ reconstruction or sample should be drawn as). Adding a likelihood is one functio
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

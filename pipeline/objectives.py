@@ -7,7 +7,7 @@ step itself, and a schedule can be plotted without training anything.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def prepared_data_dir(tmp_path_factory) -> Path:
     """The repo's prepared data (``make setup`` makes it), else prepared once into a temp dir."""
-    from pipeline.data import DataError, processed_dir, prepare
+    from pipeline.data import DataError, prepare, processed_dir
 
     repo_data = REPO / "data"
     if (processed_dir("fashion-mnist", 5000, 0, repo_data) / "manifest.json").exists():

@@ -1,0 +1,213 @@
+"""Training throughput, side by side in one process (`make bench`).
+
+Compares, on the same MLP VAE (784-400-20, Bernoulli, batch 128, Adam 1e-3):
+  (a) a plain loop written the way pytorch/examples `vae/main.py` is: a torchvision dataset with
+      ToTensor, a shuffling DataLoader, `loss.item()` every step;
+  (b) the pipeline with tracking off;
+  (c) the pipeline with full MLflow tracking (every step, every loss component).
+Each variant runs `--repeats` times, interleaved, so machine noise hits all of them alike; the
+best epoch of each is compared. Writes bench/RESULTS.md with the figures and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODEL_SETTINGS = [
+    "model.arch=mlp", "model.hidden_dim=400", "model.latent_dim=20", "model.encoder_depth=1",
+    "model.decoder_depth=1", "likelihood.name=bernoulli", "train.batch_size=128", "train.lr=0.001",
+    "train.device=cpu", "train.grad_clip=null",
+]
+
+
+# --- (a) the reference loop ----------------------------------------------------------------------
+class ExampleVAE(nn.Module):
+    """The pytorch/examples VAE architecture: 784-400-20, sigmoid output, BCE(sum) + KLD."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
+        self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x.view(-1, 784)))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+def _torchvision_root(splits, root: Path) -> Path:
+    """Write the official training set as IDX files where torchvision's FashionMNIST looks."""
+    import struct
+
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    images = torch.cat([splits.train_x, splits.val_x])[:, 0].numpy()
+    labels = torch.cat([splits.train_y, splits.val_y]).numpy().astype("uint8")
+    test_images, test_labels = splits.test_x[:, 0].numpy(), splits.test_y.numpy().astype("uint8")
+    for name, arr in [("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels),
+                      ("t10k-images-idx3-ubyte", test_images), ("t10k-labels-idx1-ubyte", test_labels)]:
+        header = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+        (raw / name).write_bytes(header + arr.tobytes())
+    return root
+
+
+def run_reference_loop(root: Path, epochs: int, seed: int) -> list[float]:
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(seed)
+    loader = DataLoader(
+        datasets.FashionMNIST(str(root), train=True, download=False, transform=transforms.ToTensor()),
+        batch_size=128, shuffle=True,
+    )
+    model = ExampleVAE()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rates = []
+    for _ in range(epochs):
+        model.train()
+        train_loss, n, t0 = 0.0, 0, time.perf_counter()
+        for data, _ in loader:
+            opt.zero_grad()
+            recon, mu, logvar = model(data)
+            bce = F.binary_cross_entropy(recon, data.view(-1, 784), reduction="sum")
+            kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+            loss = bce + kld
+            loss.backward()
+            train_loss += loss.item()
+            opt.step()
+            n += data.shape[0]
+        rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+# --- (b), (c) the pipeline -----------------------------------------------------------------------
+def run_pipeline(splits, epochs: int, seed: int, tracking: bool, home: Path) -> tuple[list[float], float]:
+    """Per-epoch loop images/s (as the pipeline logs them) and end-to-end images/s incl. final flush."""
+    from pipeline.config import build_config
+    from pipeline.train import CHECKPOINT, fit, load_checkpoint
+
+    cfg = build_config(overrides=[*MODEL_SETTINGS, f"train.epochs={epochs}", f"train.seed={seed}",
+                                  f"tracking.enabled={str(tracking).lower()}", "tracking.experiment=bench"])
+    run_dir = Path(tempfile.mkdtemp(dir=home))
+    if tracking:
+        from pipeline.tracking import MlflowRun
+
+        sink = MlflowRun("bench", run_name=f"bench-{seed}")
+        sink.log_params(cfg.flat())
+    else:
+        from pipeline.tracking import NullRun
+
+        sink = NullRun()
+    t0 = time.perf_counter()
+    fit(cfg, run_dir, sink, splits=splits, log=lambda *_: None, progress=False)
+    sink.end("FINISHED")  # waits for every queued metric point to be written
+    wall = time.perf_counter() - t0
+    history = load_checkpoint(run_dir / CHECKPOINT)["history"]
+    return [h["train/images_per_s"] for h in history], splits.train_x.shape[0] * epochs / wall
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
+    args = ap.parse_args()
+
+    from pipeline.config import DataConfig
+    from pipeline.data import ensure_splits
+
+    splits = ensure_splits(DataConfig(), log=lambda *_: None)
+    work = Path(tempfile.mkdtemp(prefix="vae-bench-"))
+    os.environ["VAE_PIPELINE_HOME"] = str(work)  # a throwaway MLflow store for the tracked runs
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    tv_root = _torchvision_root(splits, work / "torchvision")
+
+    loop_rates: dict[str, list[float]] = {"reference": [], "untracked": [], "tracked": []}
+    e2e: dict[str, list[float]] = {"untracked": [], "tracked": []}
+    for r in range(args.repeats):
+        print(f"[bench] repeat {r + 1}/{args.repeats}: reference DataLoader loop", flush=True)
+        loop_rates["reference"] += run_reference_loop(tv_root, args.epochs, seed=r)
+        for name, tracking in (("untracked", False), ("tracked", True)):
+            print(f"[bench] repeat {r + 1}/{args.repeats}: pipeline, tracking {'on' if tracking else 'off'}", flush=True)
+            rates, end_to_end = run_pipeline(splits, args.epochs, seed=r, tracking=tracking, home=work)
+            loop_rates[name] += rates
+            e2e[name].append(end_to_end)
+
+    best = {k: max(v) for k, v in loop_rates.items()}
+    med = {k: statistics.median(v) for k, v in loop_rates.items()}
+    speedup = best["tracked"] / best["reference"]
+    overhead = 1 - best["tracked"] / best["untracked"]
+    e2e_overhead = 1 - max(e2e["tracked"]) / max(e2e["untracked"])
+    ok = lambda cond: "PASS" if cond else "FAIL"  # noqa: E731
+
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `make bench` (`python bench/bench_train.py --epochs {args.epochs} --repeats {args.repeats}`) "
+        f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "## Training throughput: MLP 784-400-20, Bernoulli, batch 128, CPU",
+        "",
+        "Images per second in the training loop, per epoch; best and median over "
+        f"{args.repeats * args.epochs} epochs per variant, the variants interleaved in one process.",
+        "",
+        "| variant | best img/s | median img/s |",
+        "|---|---:|---:|",
+        f"| (a) DataLoader + ToTensor loop (pytorch/examples vae/main.py style) | {best['reference']:,.0f} | {med['reference']:,.0f} |",
+        f"| (b) pipeline, tracking off | {best['untracked']:,.0f} | {med['untracked']:,.0f} |",
+        f"| (c) pipeline, full MLflow tracking (every step, 8 keys) | {best['tracked']:,.0f} | {med['tracked']:,.0f} |",
+        "",
+        "| ratio | value | target | |",
+        "|---|---:|---:|---|",
+        f"| (c) / (a): pipeline with tracking vs DataLoader loop | {speedup:.2f}× | ≥ 2.0× | {ok(speedup >= 2.0)} |",
+        f"| 1 − (c) / (b): tracking overhead in the training loop | {overhead:+.1%} | ≤ 5% | {ok(overhead <= 0.05)} |",
+        f"| 1 − (c) / (b), end to end: whole `fit` incl. validation, images, checkpoints and waiting for the last metric point to be stored | {e2e_overhead:+.1%} | ≤ 5% | {ok(e2e_overhead <= 0.05)} |",
+        "",
+        "End-to-end throughput (best run): "
+        f"(b) {max(e2e['untracked']):,.0f} img/s, (c) {max(e2e['tracked']):,.0f} img/s.",
+        "",
+        "Where tracking time goes: MLflow's SQL store spends about 0.2 ms of CPU per metric point",
+        "(SQLAlchemy unit of work), i.e. about 1.5 ms per step for 8 keys against a step of about 8 ms",
+        "that already keeps both cores busy. The pipeline moves that work to a lowest-priority writer",
+        "thread, so it fills the trainer's idle gaps and the training loop barely slows; what does not",
+        "fit in the gaps is paid while validation runs and at the end of the run (the end-to-end row).",
+        "",
+    ]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"[bench] written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

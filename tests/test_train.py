@@ -1,0 +1,214 @@
+"""The training stage end to end on real Fashion-MNIST subsets, with a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline import train as train_mod
+from pipeline.config import build_config
+from pipeline.likelihoods import LIKELIHOODS, Likelihood, LogProb, bernoulli_log_prob, bernoulli_mean
+from pipeline.train import CHECKPOINT, EPOCH_KEYS, PER_STEP_KEYS, SIGMA_KEY, load_checkpoint, train_stage
+
+from .conftest import subprocess_env
+
+QUIET = dict(log=lambda *_: None, progress=False)
+SMALL = [
+    "data.train_subset=512",
+    "train.batch_size=64",
+    "train.epochs=2",
+    "tracking.flush_every=3",  # 8 steps per epoch: flushes of 3, 3, 2
+    "train.grid_images=16",
+    "model.hidden_dim=64",
+    "model.latent_dim=4",
+]
+
+
+def _cfg(*extra, experiment="t"):
+    return build_config(overrides=[*SMALL, f"tracking.experiment={experiment}", *extra])
+
+
+def _history(run_id, key):
+    from pipeline.tracking import metric_history
+
+    return metric_history(run_id, key)
+
+
+def _assert_one_point_per_step(run_id, keys, total_steps):
+    for key in keys:
+        steps = [s for s, _ in _history(run_id, key)]
+        assert steps == list(range(total_steps)), f"{key}: {len(steps)} points, steps {steps[:5]}…"
+
+
+def _weights(run_dir):
+    return load_checkpoint(run_dir / CHECKPOINT)["model"]
+
+
+def test_two_epoch_run_tracks_every_step_once(home):
+    from pipeline.tracking import get_run
+
+    cfg = _cfg("likelihood.name=gaussian_learned", "objective.schedule=linear", "objective.warmup_steps=10")
+    result = train_stage(cfg, **QUIET)
+    assert result.status == "finished" and result.steps_done == 16
+    _assert_one_point_per_step(result.run_id, PER_STEP_KEYS + (SIGMA_KEY,), 16)
+    for key in EPOCH_KEYS:
+        assert [s for s, _ in _history(result.run_id, key)] == [8, 16]
+    betas = [v for _, v in _history(result.run_id, "train/beta")]
+    assert betas[0] == 0.0 and betas[5] == pytest.approx(0.5) and betas[15] == pytest.approx(1.0)
+    # ELBO is logged with its sign: −(recon + KL), with the raw KL (not the penalized one).
+    recon, kl, elbo = (dict(_history(result.run_id, k)) for k in ("train/recon_nll", "train/kl", "train/elbo"))
+    assert all(elbo[s] == pytest.approx(-(recon[s] + kl[s]), rel=1e-5) for s in range(16))
+
+    run = get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["objective.schedule"] == "linear" and run.data.params["likelihood.name"] == "gaussian_learned"
+    for tag in ("git_commit", "dataset_manifest_sha256", "device", "torch_version", "config_hash"):
+        assert run.data.tags[tag]
+    artifacts = _artifact_paths(result.run_id)
+    assert {"config.yaml", "checkpoint/checkpoint.pt", "images/epoch_002_reconstructions.png", "images/epoch_002_samples.png"} <= artifacts
+
+
+def _artifact_paths(run_id):
+    from pipeline.tracking import client
+
+    c, out, todo = client(), set(), [None]
+    while todo:
+        for f in c.list_artifacts(run_id, todo.pop()):
+            (todo.append(f.path) if f.is_dir else out.add(f.path))
+    return out
+
+
+def test_finished_run_is_skipped_on_rerun(home):
+    cfg = _cfg("tracking.enabled=false")
+    first = train_stage(cfg, **QUIET)
+    mtime = (first.run_dir and os.stat(os.path.join(first.run_dir, CHECKPOINT)).st_mtime_ns)
+    again = train_stage(cfg, **QUIET)
+    assert again.status == "skipped"
+    assert os.stat(os.path.join(first.run_dir, CHECKPOINT)).st_mtime_ns == mtime
+
+
+class _CrashAfter(Exception):
+    pass
+
+
+def test_resume_after_a_mid_epoch_crash_is_bitwise_exact_with_no_duplicate_points(home, monkeypatch):
+    # The reference: 2 epochs straight.
+    train_stage(_cfg("tracking.enabled=false"), run_dir=home / "straight", **QUIET)
+
+    # Crash during epoch 2, after some of its steps were already flushed to MLflow.
+    cfg = _cfg()
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def crashing_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 8 + 7:  # epoch 2, step 7 of 8: flushes of 3 and 3 already sent
+            raise _CrashAfter()
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    with pytest.raises(_CrashAfter):
+        train_stage(cfg, run_dir=home / "resumed", **QUIET)
+    assert load_checkpoint(home / "resumed" / CHECKPOINT)["epoch"] == 1
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+
+    resumed = train_stage(cfg, run_dir=home / "resumed", **QUIET)
+    assert resumed.status == "finished"
+    a, b = _weights(home / "straight"), _weights(home / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_one_point_per_step(resumed.run_id, PER_STEP_KEYS, 16)
+    for key in EPOCH_KEYS:
+        assert [s for s, _ in _history(resumed.run_id, key)] == [8, 16]
+    from pipeline.tracking import get_run
+
+    assert get_run(resumed.run_id).info.status == "FINISHED"
+
+
+def test_sigkill_then_the_same_command_resumes_into_the_same_run(home):
+    # A real crash: the CLI in a subprocess, killed once the first epoch's checkpoint exists.
+    run_dir = home / "killed"
+    cmd = [sys.executable, "-m", "pipeline", "train", "--no-progress", "--run-dir", str(run_dir)]
+    cmd += [x for s in _cfg_args(["data.train_subset=2048", "train.epochs=3", "tracking.flush_every=7"]) for x in ("--set", s)]
+    env = subprocess_env(home)
+    proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (run_dir / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / CHECKPOINT).exists()
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+
+    out = subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert run_id in out.stdout  # re-attached to the same MLflow run
+    steps = 3 * (2048 // 64)
+    _assert_one_point_per_step(run_id, PER_STEP_KEYS, steps)
+    from pipeline.tracking import get_run
+
+    assert get_run(run_id).info.status == "FINISHED"
+    straight = train_stage(build_config(overrides=[*_cfg_args(["data.train_subset=2048", "train.epochs=3"]), "tracking.enabled=false"]),
+                           run_dir=home / "straight", **QUIET)
+    a, b = _weights(home / "straight"), _weights(run_dir)
+    assert straight.status == "finished" and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cfg_args(extra):
+    return [*SMALL, "tracking.experiment=t", *extra]
+
+
+@pytest.fixture
+def nan_likelihood(monkeypatch):
+    """A registry entry that turns non-finite after 20 calls: 8 steps + 5 val batches, then step 15."""
+    calls = {"n": 0}
+
+    def log_prob(params, x, opts):
+        calls["n"] += 1
+        lp = bernoulli_log_prob(params, x, opts)
+        return LogProb(lp.log_px * float("nan")) if calls["n"] > 20 else lp
+
+    monkeypatch.setitem(LIKELIHOODS, "nan_after_20", Likelihood(1, log_prob, bernoulli_mean, True, "test"))
+    return "nan_after_20"
+
+
+def test_divergence_ends_failed_with_reason_and_keeps_last_good_checkpoint(home, nan_likelihood):
+    from pipeline.tracking import get_run
+
+    cfg = _cfg(f"likelihood.name={nan_likelihood}")
+    result = train_stage(cfg, **QUIET)
+    assert result.status == "diverged"
+    run = get_run(result.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "diverged"
+    # Epoch 1 is 8 steps plus a 5-batch validation pass; the 21st call is step 15, in epoch 2.
+    ck = load_checkpoint(result.run_dir and train_mod.Path(result.run_dir) / CHECKPOINT)
+    assert ck["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+    # Only finite points were logged, one per step, up to the divergence.
+    steps = [s for s, _ in _history(result.run_id, "train/loss")]
+    assert result.diverged_at_step == 15 and steps == list(range(15))
+    # The stage does not silently retry a diverged run.
+    assert train_stage(cfg, **QUIET).status == "diverged"
+
+
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_every_likelihood_and_arch_trains_without_nan(home, likelihood, arch):
+    cfg = build_config(overrides=[
+        "data.train_subset=128", "train.batch_size=64", "train.epochs=1", "tracking.enabled=false",
+        "train.grid_images=4", f"likelihood.name={likelihood}", f"model.arch={arch}", "model.channels=8",
+        "model.hidden_dim=32", "model.decoder_depth=3", "objective.free_bits=per_dim", "objective.free_bits_lambda=0.1",
+    ])
+    result = train_stage(cfg, **QUIET)
+    assert result.status == "finished" and torch.isfinite(torch.tensor(list(result.val.values()))).all()
+
+
+def test_bf16_autocast_runs(home):
+    result = train_stage(_cfg("tracking.enabled=false", "train.precision=bf16", "train.epochs=1"), **QUIET)
+    assert result.status == "finished"
