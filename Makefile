@@ -13,6 +13,7 @@ CONFIG ?= configs/default.yaml
 SET ?=
 PORT ?= 5000
 RUN ?=
+CHECKPOINT ?=
 
 # As root on Debian with the data missing, install the package that ships the raw IDX files.
 DEBIAN_DATA = if [ "$(DATASET)" = fashion-mnist ] && [ ! -e $(DEBIAN_FMNIST) ] && [ "$$(id -u)" = 0 ] \
@@ -20,7 +21,7 @@ DEBIAN_DATA = if [ "$(DATASET)" = fashion-mnist ] && [ ! -e $(DEBIAN_FMNIST) ] &
 	echo "[setup] installing Debian package dataset-fashion-mnist"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
 
-.PHONY: help setup data train demo test bench ui lint clean
+.PHONY: help setup data train evaluate demo test bench ui lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -33,9 +34,9 @@ $(STAMP): pyproject.toml
 
 $(PREPARED): | $(STAMP)
 	@$(DEBIAN_DATA)
-	$(PY) -m pipeline prepare --dataset $(DATASET)
+	$(PY) -m pipeline prepare --dataset $(DATASET) --download
 
-setup: $(STAMP) $(PREPARED) ## create .venv, install the package (editable, dev extras) and prepare the dataset
+setup: $(STAMP) $(PREPARED) ## create .venv, install the package (editable, dev extras) and prepare the dataset (local copy, else download)
 
 data: $(STAMP) ## prepare the dataset (DATASET=fashion-mnist|mnist; DOWNLOAD=1 allows a torchvision download)
 	@$(DEBIAN_DATA)
@@ -43,6 +44,9 @@ data: $(STAMP) ## prepare the dataset (DATASET=fashion-mnist|mnist; DOWNLOAD=1 a
 
 train: setup ## train one config (CONFIG=file.yaml SET="objective.beta=4 train.epochs=5"); reruns resume
 	$(PY) -m pipeline train --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+
+evaluate: setup ## evaluate a trained run: make evaluate RUN=<mlflow run id> (or CHECKPOINT=runs/…/checkpoint.pt)
+	$(PY) -m pipeline evaluate $(if $(RUN),--run $(RUN),--checkpoint $(CHECKPOINT))
 
 demo: setup ## set up, prepare and train the demo config on CPU (a few minutes), then say where to look
 	$(PY) -m pipeline train --config configs/demo.yaml --set train.device=cpu $(foreach s,$(SET),--set $(s))

@@ -164,8 +164,11 @@ def main() -> int:
     best = {k: max(v) for k, v in loop_rates.items()}
     med = {k: statistics.median(v) for k, v in loop_rates.items()}
     speedup = best["tracked"] / best["reference"]
+    speedup_med = med["tracked"] / med["reference"]
     overhead = 1 - best["tracked"] / best["untracked"]
+    overhead_med = 1 - med["tracked"] / med["untracked"]
     e2e_overhead = 1 - max(e2e["tracked"]) / max(e2e["untracked"])
+    e2e_overhead_med = 1 - statistics.median(e2e["tracked"]) / statistics.median(e2e["untracked"])
     ok = lambda cond: "PASS" if cond else "FAIL"  # noqa: E731
 
     lines = [
@@ -187,20 +190,27 @@ def main() -> int:
         f"| (b) pipeline, tracking off | {best['untracked']:,.0f} | {med['untracked']:,.0f} |",
         f"| (c) pipeline, full MLflow tracking (every step, 8 keys) | {best['tracked']:,.0f} | {med['tracked']:,.0f} |",
         "",
-        "| ratio | value | target | |",
-        "|---|---:|---:|---|",
-        f"| (c) / (a): pipeline with tracking vs DataLoader loop | {speedup:.2f}× | ≥ 2.0× | {ok(speedup >= 2.0)} |",
-        f"| 1 − (c) / (b): tracking overhead in the training loop | {overhead:+.1%} | ≤ 5% | {ok(overhead <= 0.05)} |",
-        f"| 1 − (c) / (b), end to end: whole `fit` incl. validation, images, checkpoints and waiting for the last metric point to be stored | {e2e_overhead:+.1%} | ≤ 5% | {ok(e2e_overhead <= 0.05)} |",
+        "Each ratio from the best and from the median figures; the verdict needs both to meet the target.",
+        "",
+        "| ratio | from best | from median | target | |",
+        "|---|---:|---:|---:|---|",
+        f"| (c) / (a): pipeline with tracking vs DataLoader loop | {speedup:.2f}× | {speedup_med:.2f}× | ≥ 2.0× "
+        f"| {ok(min(speedup, speedup_med) >= 2.0)} |",
+        f"| 1 − (c) / (b): tracking overhead in the training loop | {overhead:+.1%} | {overhead_med:+.1%} | ≤ 5% "
+        f"| {ok(max(overhead, overhead_med) <= 0.05)} |",
+        f"| 1 − (c) / (b), end to end: whole `fit` incl. validation, images, checkpoints and waiting for the last "
+        f"metric point to be stored | {e2e_overhead:+.1%} | {e2e_overhead_med:+.1%} | ≤ 5% "
+        f"| {ok(max(e2e_overhead, e2e_overhead_med) <= 0.05)} |",
         "",
         "End-to-end throughput (best run): "
         f"(b) {max(e2e['untracked']):,.0f} img/s, (c) {max(e2e['tracked']):,.0f} img/s.",
         "",
         "Where tracking time goes: MLflow's SQL store spends about 0.2 ms of CPU per metric point",
         "(SQLAlchemy unit of work), i.e. about 1.5 ms per step for 8 keys against a step of about 8 ms",
-        "that already keeps both cores busy. The pipeline moves that work to a lowest-priority writer",
-        "thread, so it fills the trainer's idle gaps and the training loop barely slows; what does not",
-        "fit in the gaps is paid while validation runs and at the end of the run (the end-to-end row).",
+        "that already keeps both cores busy. The pipeline hands that work to a lowest-priority writer",
+        "process (a thread would hold the GIL against the loop), so the training loop barely slows; the",
+        "store's CPU time is then paid at each epoch end, where the trainer waits for every point of the",
+        "epoch to be stored before it writes the checkpoint (the end-to-end row).",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))

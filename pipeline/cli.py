@@ -32,6 +32,18 @@ def _add_train(sub) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="likelihood, collapse and sharpness diagnostics of a trained run")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", help="MLflow run id (its run directory's checkpoint is evaluated)")
+    g.add_argument("--checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--k", type=int, help="IWAE importance samples (default 1000 on CUDA, 100 on CPU)")
+    p.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--n-samples", type=int, default=2000, help="prior samples for sample sharpness (default 2000)")
+    p.add_argument("--mi-batch", type=int, default=1000, help="batch size of the mutual-information estimate")
+    p.add_argument("--device", default="auto")
+
+
 def _add_ui(sub) -> None:
     p = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 against the project's tracking store")
     p.add_argument("--port", type=int, default=5000)
@@ -43,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     _add_train(sub)
+    _add_evaluate(sub)
     _add_ui(sub)
     return parser
 
@@ -83,6 +96,14 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from pipeline.evaluate import evaluate_stage
+
+    evaluate_stage(args.checkpoint, args.run, k=args.k, test_subset=args.test_subset, n_samples=args.n_samples,
+                   mi_batch=args.mi_batch, device=args.device)
+    return 0
+
+
 def _cmd_ui(args) -> int:
     import os
 
@@ -111,8 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     try:
-        return {"prepare": _cmd_prepare, "train": _cmd_train, "ui": _cmd_ui}[args.command](args)
-    except errors as e:
+        from pipeline.tracking import TrackingError
+
+        errors += (TrackingError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        commands = {"prepare": _cmd_prepare, "train": _cmd_train, "evaluate": _cmd_evaluate, "ui": _cmd_ui}
+        return commands[args.command](args)
+    except (*errors, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -121,6 +121,17 @@ class TrackingConfig(_Section):
     flush_every: int = Field(100, ge=1)
 
 
+class EvalConfig(_Section):
+    # Evaluate on the test set when training ends (results under test/ in the same MLflow run).
+    enabled: bool = True
+    # Importance samples for test/iwae_nll; None = 1000 on CUDA, 100 on CPU.
+    iwae_k: int | None = Field(None, ge=1)
+    test_subset: int | None = Field(None, ge=2)
+    batch_size: int = Field(500, ge=1)
+    mi_batch: int = Field(1000, ge=2)
+    n_samples: int = Field(2000, ge=1)
+
+
 class RunConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -128,6 +139,7 @@ class RunConfig(_Section):
     objective: ObjectiveConfig = ObjectiveConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -144,10 +156,20 @@ class RunConfig(_Section):
     def flat(self) -> dict[str, Any]:
         return flatten(self.to_dict())
 
+    def describe(self) -> str:
+        """A short human-readable name for run lists: the ablation axes at a glance."""
+        o, m = self.objective, self.model
+        fb = "" if o.free_bits == "none" else f" fb={o.free_bits}:{o.free_bits_lambda:g}"
+        return (
+            f"{m.arch} {self.likelihood.name} β={o.beta:g} {o.schedule}{fb} "
+            f"dec={m.decoder_depth} z={m.latent_dim} seed={self.train.seed}"
+        )
+
     def result_hash(self) -> str:
-        """Hash of everything that changes the trained weights (not device or tracking)."""
+        """Hash of everything that changes the trained weights (not device, tracking or evaluation)."""
         d = self.to_dict()
         d.pop("tracking")
+        d.pop("eval")
         d["train"].pop("device")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

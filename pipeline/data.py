@@ -101,8 +101,11 @@ def _read_raw(directory: Path, name: str) -> bytes | None:
     if plain.is_file():
         return plain.read_bytes()
     if gz.is_file():
-        with gzip.open(gz, "rb") as f:
-            return f.read()
+        try:
+            with gzip.open(gz, "rb") as f:
+                return f.read()
+        except (OSError, EOFError) as e:
+            raise DataError(f"{gz} is not a readable gzip file ({e}); replace it or re-download") from None
     return None
 
 
@@ -223,10 +226,14 @@ def prepare(
     source, blobs = found
     checksums = _verify(spec, source, blobs)
 
-    train_images = parse_idx(blobs["train-images-idx3-ubyte"])
-    train_labels = parse_idx(blobs["train-labels-idx1-ubyte"])
-    test_images = parse_idx(blobs["t10k-images-idx3-ubyte"])
-    test_labels = parse_idx(blobs["t10k-labels-idx1-ubyte"])
+    parsed = {}
+    for name, blob in blobs.items():
+        try:
+            parsed[name] = parse_idx(blob)
+        except DataError as e:
+            raise DataError(f"{source / name}: {e}; replace the file or re-download") from None
+    train_images, train_labels = parsed["train-images-idx3-ubyte"], parsed["train-labels-idx1-ubyte"]
+    test_images, test_labels = parsed["t10k-images-idx3-ubyte"], parsed["t10k-labels-idx1-ubyte"]
     n_train = train_images.shape[0]
     if not 0 < val_size < n_train:
         raise DataError(f"val_size={val_size} must be between 1 and {n_train - 1}")
@@ -315,8 +322,8 @@ class DeviceData:
         self.images = images_u8.to(device)
         self.n = self.images.shape[0]
 
-    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = self.images[idx].float().div_(255)  # (B, 1, 28, 28) in [0, 1]
         if self.binarize == "dynamic":
-            x = torch.bernoulli(x)
+            x = torch.bernoulli(x, generator=generator)
         return x

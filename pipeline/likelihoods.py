@@ -67,8 +67,8 @@ def _cb_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
     safe = torch.where(small, torch.ones_like(logits), logits)
     exact = torch.log(safe / torch.tanh(safe / 2))
     l2 = logits * logits
-    # log(l / tanh(l/2)) = log 2 + l²/12 − l⁴/1440 + O(l⁶)
-    taylor = math.log(2.0) + l2 / 12 - l2 * l2 / 1440
+    # log(l / tanh(l/2)) = log 2 + l²/12 − 7l⁴/1440 + O(l⁶)
+    taylor = math.log(2.0) + l2 / 12 - 7 * l2 * l2 / 1440
     return torch.where(small, taylor, exact)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import re
 import signal
 import time
 from collections.abc import Iterable
@@ -23,6 +24,15 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names it (credentials masked) and what to do."""
+
+
+def _masked(uri: str) -> str:
+    return re.sub(r"//([^:/@\s]+):[^@\s]*@", r"//\1:***@", uri)
+
 
 _BATCH_LIMIT = 1000  # MLflow's cap on metrics per log_batch call
 _PARAM_LIMIT = 100
@@ -84,6 +94,7 @@ def _writer_main(uri: str, blocks, errors, done, parent_pid: int) -> None:
     except OSError:
         pass
     c = MlflowClient(uri)
+    failed_runs: set[str] = set()
     while True:
         try:
             item = blocks.get(timeout=1.0)
@@ -95,10 +106,13 @@ def _writer_main(uri: str, blocks, errors, done, parent_pid: int) -> None:
             return
         run_id, block = item
         try:
+            if run_id in failed_runs:
+                continue  # never store points after a gap: a resume resends from the first missing step
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in block]
             for i in range(0, len(metrics), _BATCH_LIMIT):
                 c.log_batch(run_id, metrics=metrics[i : i + _BATCH_LIMIT], synchronous=True)
         except Exception as e:  # reported to the trainer, which stops and can resume later
+            failed_runs.add(run_id)
             errors.put((run_id, f"{type(e).__name__}: {e}"))
         finally:
             with done.get_lock():
@@ -145,7 +159,10 @@ class _MetricWriter:
         """Wait until every block sent so far is stored (or has failed)."""
         while self.done.value < self.sent:
             if not self.proc.is_alive():
-                raise RuntimeError("the MLflow writer process died; metric points since the last flush are lost")
+                raise TrackingError(
+                    "the MLflow writer process died, so recent metric points were not stored; "
+                    "rerun the same command to resume from the last checkpoint"
+                )
             time.sleep(0.005)
 
     def close(self) -> None:
@@ -180,6 +197,7 @@ class MlflowRun:
         run_id: str | None = None,
         tags: dict[str, str] | None = None,
         parent_run_id: str | None = None,
+        mark_running: bool = True,
     ):
         self.client = client()
         self.resumed = False
@@ -187,17 +205,27 @@ class MlflowRun:
             try:
                 run = self.client.get_run(run_id)
                 self.resumed = True
-            except mlflow.exceptions.MlflowException:
-                run = None
+            except mlflow.exceptions.MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise TrackingError(f"cannot reach the MLflow store {_masked(tracking_uri())}: {_masked(str(e))}") from None
+                run = None  # the store answered: no such run
             if run is not None:
                 self.run_id = run.info.run_id
-                self.client.update_run(self.run_id, status="RUNNING")
+                if mark_running:
+                    self.client.update_run(self.run_id, status="RUNNING")
         if not self.resumed:
-            exp_id = get_or_create_experiment(experiment, self.client)
             all_tags = dict(tags or {})
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
-            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+            try:
+                exp_id = get_or_create_experiment(experiment, self.client)
+                self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+            except mlflow.exceptions.MlflowException as e:
+                raise TrackingError(
+                    f"cannot create a run in the MLflow store {_masked(tracking_uri())}: {_masked(str(e))}\n"
+                    "check that the tracking server is up and the URI is right, or unset MLFLOW_TRACKING_URI "
+                    "to use the local store"
+                ) from None
         elif tags:
             self.set_tags(tags)
         self._writer = _writer_for(tracking_uri())
@@ -219,7 +247,10 @@ class MlflowRun:
     def _raise_if_failed(self) -> None:
         msg = self._writer.error_for(self.run_id)
         if msg is not None:
-            raise RuntimeError(f"logging metrics to MLflow failed: {msg}")
+            raise TrackingError(
+                f"storing metrics in {_masked(tracking_uri())} failed: {msg}; "
+                "rerun the same command to resume from the last checkpoint"
+            )
 
     def log_metrics(self, rows: Iterable[tuple[str, float, int]]) -> None:
         """Queue (key, value, step) points; returns at once unless storing earlier ones failed."""
@@ -249,7 +280,7 @@ class MlflowRun:
         error = None
         try:
             self.flush()
-        except RuntimeError as e:
+        except TrackingError as e:
             error = e
         lost_points = error is not None and status == "FINISHED"
         if lost_points:
@@ -259,6 +290,15 @@ class MlflowRun:
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
         if lost_points:
             raise error
+
+
+def reopen_run(run_id: str) -> MlflowRun | None:
+    """Attach to an existing run to add results without changing its status; None if it is gone."""
+    try:
+        client().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return MlflowRun("", run_id=run_id, mark_running=False)
 
 
 class NullRun:

@@ -183,7 +183,7 @@ def elbo_terms(model: VAE, data: DeviceData, ctx: StepContext, seed: int, batch_
     tot = torch.zeros(3, dtype=torch.float64, device=data.images.device)
     for start in range(0, data.n, batch_size):
         idx = torch.arange(start, min(start + batch_size, data.n), device=data.images.device)
-        x = data.batch(idx)
+        x = data.batch(idx, generator=gen)
         with ctx.autocast():
             q = model.encoder(x)
             mu, logvar = q.mu.float(), q.logvar.float()
@@ -202,10 +202,11 @@ def render_grids(model: VAE, data: DeviceData, ctx: StepContext, n: int, seed: i
     """Reconstructions (from the posterior mean) of the first val images, and prior samples."""
     model.eval()
     dev = data.images.device
-    x = data.batch(torch.arange(min(n, data.n), device=dev))
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = data.batch(torch.arange(min(n, data.n), device=dev), generator=gen)
     with ctx.autocast():
         recon_params = model.decoder(model.encoder(x).mu)
-        z = torch.randn(n, model.latent_dim, generator=torch.Generator(device=dev).manual_seed(seed), device=dev)
+        z = torch.randn(n, model.latent_dim, generator=gen, device=dev)
         sample_params = model.decoder(z)
     recon = ctx.likelihood.mean(recon_params.float(), ctx.opts)
     samples = ctx.likelihood.mean(sample_params.float(), ctx.opts)
@@ -264,7 +265,8 @@ def fit(
     start_epoch, history = 1, []
     ckpt_path = run_dir / CHECKPOINT
     if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, device)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights where they belong.
+        ck = load_checkpoint(ckpt_path, "cpu")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         _set_rng_state(ck["rng"])
@@ -437,16 +439,20 @@ def train_stage(
                 "choose another run directory or pass --restart to discard it"
             )
     elif mode == "resume":
-        raise RunDirError(f"nothing to resume: {ckpt_path} does not exist")
+        raise RunDirError(f"nothing to resume: {ckpt_path} does not exist; drop --resume to start this run")
 
     splits = ensure_splits(cfg.data, log=log)
     info = _read_json(info_path) or {}
     sink = _open_sink(cfg, info.get("run_id"), parent_run_id)
     atomic_write_json({"run_id": sink.run_id, "config_hash": cfg.result_hash()}, info_path)
     device = resolve_device(cfg.train.device)
-    if not sink.resumed:
-        flat = cfg.flat()
-        sink.log_params(flat)
+    if info.get("run_id") and sink.run_id != info["run_id"] and cfg.tracking.enabled:
+        # The run this directory belongs to is not in the current store (another MLFLOW_TRACKING_URI,
+        # a deleted mlflow.db): go on in a new run, and say that it lacks the earlier history.
+        log(f"[train] warning: MLflow run {info['run_id']} not found in {_store_hint()}; "
+            f"continuing in new run {sink.run_id} without the history before the checkpoint")
+        sink.set_tags({"partial_history": "true", "previous_run_id": info["run_id"]})
+    sink.log_params(cfg.flat())  # skips keys already there, so a re-attached run is completed
     sink.set_tags(
         {
             "git_commit": _git_commit(),
@@ -468,7 +474,8 @@ def train_stage(
         sink.end("FAILED", tags={"failure_reason": "diverged", "diverged_at_step": str(e.step)})
         result = TrainResult(str(run_dir), sink.run_id, "diverged", e.epoch - 1, e.step, diverged_at_step=e.step)
         atomic_write_json({**asdict(result), "config_hash": cfg.result_hash()}, result_path)
-        log(f"[train] DIVERGED: {e}; last good checkpoint kept at {ckpt_path}")
+        kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no epoch finished, so no checkpoint"
+        log(f"[train] DIVERGED: {e}; {kept}. MLflow run {sink.run_id} is marked FAILED (failure_reason=diverged)")
         return result
     except KeyboardInterrupt:
         sink.end("KILLED", tags={"failure_reason": "interrupted"})
@@ -478,9 +485,26 @@ def train_stage(
         raise
 
     sink.log_artifact(ckpt_path, "checkpoint")
+    try:
+        if cfg.eval.enabled:
+            from pipeline.evaluate import evaluate_stage
+
+            e = cfg.eval
+            evaluate_stage(ckpt_path, k=e.iwae_k, batch_size=e.batch_size, mi_batch=e.mi_batch, n_samples=e.n_samples,
+                           test_subset=e.test_subset, device=cfg.train.device, log=log, sink=sink)
+    except BaseException as exc:
+        # Training is complete and checkpointed; a rerun skips to evaluating again.
+        sink.end("FAILED", tags={"failure_reason": f"evaluation error: {type(exc).__name__}"})
+        raise
     sink.end("FINISHED")
     atomic_write_json({**asdict(result), "config_hash": cfg.result_hash()}, result_path)
     return result
+
+
+def _store_hint() -> str:
+    from pipeline.tracking import tracking_uri
+
+    return tracking_uri()
 
 
 def _write_config(cfg: RunConfig, path: Path) -> None:
@@ -499,7 +523,7 @@ def _open_sink(cfg: RunConfig, run_id: str | None, parent_run_id: str | None):
 
     return MlflowRun(
         cfg.tracking.experiment,
-        run_name=cfg.tracking.run_name or cfg.result_hash(),
+        run_name=cfg.tracking.run_name or cfg.describe(),
         run_id=run_id,
         parent_run_id=parent_run_id,
     )

@@ -22,6 +22,8 @@ def prepared_data_dir(tmp_path_factory) -> Path:
     try:
         prepare("fashion-mnist", root=root, log=lambda *_: None)
     except DataError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"Fashion-MNIST must be available in CI (make setup prepares it): {e}")
         pytest.skip(f"Fashion-MNIST not available: {e}")
     return root
 

@@ -62,9 +62,11 @@ def test_prepare_splits_are_seeded_and_complete(tmp_path, gz):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"train": 250, "val": 50, "test": 50}
     assert manifest["split_seed"] == 3 and manifest["source"] == str(raw)
-    # train ∪ val is exactly the official training set, with no overlap.
-    all_labels = sorted(torch.cat([s.train_y, s.val_y]).tolist())
-    assert all_labels == sorted((np.arange(300) % 10).tolist())
+    # train ∪ val is exactly the official training set, with no overlap (the random images are unique).
+    rows = {bytes(img.numpy().tobytes()) for img in torch.cat([s.train_x, s.val_x])}
+    official = parse_idx((raw / ("train-images-idx3-ubyte" + (".gz" if gz else ""))).read_bytes()
+                         if not gz else gzip.decompress((raw / "train-images-idx3-ubyte.gz").read_bytes()))
+    assert len(rows) == 300 and rows == {bytes(img.tobytes()) for img in official}
 
     # Same seed → identical split (in a fresh directory); another seed → a different one.
     prepare("mnist", raw_dir=raw, root=tmp_path / "d2", val_size=50, split_seed=3, **QUIET)

@@ -63,7 +63,8 @@ def test_continuous_bernoulli_normalizer_is_smooth_and_finite_at_half_in_float32
     assert torch.isfinite(log_c).all() and torch.isfinite(logits.grad).all()
     assert abs(float(log_c[1000].detach()) - math.log(2)) < 1e-6
     # Continuity across the switch between the Taylor series and the exact form.
-    assert float(log_c.detach().diff().abs().max()) < 1e-5
+    steps = log_c.detach().diff().abs()
+    assert float(steps.max()) < 1e-6  # neighbours differ by ~4e-7: no jump at the series/exact switch
 
 
 def test_gaussian_fixed_sigma_matches_torch():

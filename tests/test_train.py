@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ SMALL = [
     "train.grid_images=16",
     "model.hidden_dim=64",
     "model.latent_dim=4",
+    "eval.enabled=false",  # evaluation has its own tests
 ]
 
 
@@ -143,7 +145,8 @@ def test_sigkill_then_the_same_command_resumes_into_the_same_run(home):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (run_dir / CHECKPOINT).exists()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert load_checkpoint(run_dir / CHECKPOINT)["epoch"] < 3
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
 
     out = subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=300)
@@ -204,9 +207,12 @@ def test_every_likelihood_and_arch_trains_without_nan(home, likelihood, arch):
         "data.train_subset=128", "train.batch_size=64", "train.epochs=1", "tracking.enabled=false",
         "train.grid_images=4", f"likelihood.name={likelihood}", f"model.arch={arch}", "model.channels=8",
         "model.hidden_dim=32", "model.decoder_depth=3", "objective.free_bits=per_dim", "objective.free_bits_lambda=0.1",
+        "eval.test_subset=64", "eval.iwae_k=4", "eval.n_samples=32", "eval.mi_batch=64",
     ])
     result = train_stage(cfg, **QUIET)
     assert result.status == "finished" and torch.isfinite(torch.tensor(list(result.val.values()))).all()
+    evaluated = json.loads((train_mod.Path(result.run_dir) / "metrics.json").read_text())["metrics"]
+    assert all(math.isfinite(v) for v in evaluated.values()), evaluated
 
 
 def test_bf16_autocast_runs(home):

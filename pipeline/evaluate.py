@@ -1,0 +1,226 @@
+"""The evaluate stage: likelihood, collapse and sharpness of a trained checkpoint.
+
+Results go to ``metrics.json`` next to the checkpoint and, under ``test/``, into the run's own
+MLflow run (never a new one). Re-evaluating overwrites ``metrics.json`` and logs newer points at
+the same step, which MLflow then shows as the run's values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import metrics as M
+from pipeline.config import RunConfig, build_config
+from pipeline.data import DeviceData, ensure_splits
+from pipeline.images import pairs, save_grid
+from pipeline.likelihoods import LikelihoodOptions, get_likelihood
+from pipeline.models import N_PIXELS, build_model
+from pipeline.train import CHECKPOINT, atomic_write_json, load_checkpoint, resolve_device
+
+METRICS_FILE = "metrics.json"
+
+
+def default_iwae_k(device: torch.device) -> int:
+    return 1000 if device.type == "cuda" else 100
+
+
+def _chunk_for(k: int, batch: int, budget: int = 20_000) -> int:
+    """IWAE samples per decoder call, so one call decodes at most `budget` images."""
+    return max(1, min(k, budget // max(1, batch)))
+
+
+@torch.no_grad()
+def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Tensor, *, k: int, batch_size: int,
+                   mi_batch: int, n_samples: int, seed: int, out_dir: Path | None = None, log=print) -> dict:
+    """All test diagnostics of one model, as {"test/…": float} plus the KL vector and artifacts."""
+    model.eval()
+    dev = test.images.device
+    lik = get_likelihood(cfg.likelihood.name)
+    opts = LikelihoodOptions(scale=cfg.likelihood.scale, min_log_sigma=cfg.likelihood.min_log_sigma)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(seed)
+
+    mus, logvars, recons = [], [], []
+    sums = torch.zeros(6, dtype=torch.float64)  # recon_nll, recon_nll_mean_z, kl, iwae_ll, z_gap·n, n_gap
+    t0 = time.perf_counter()
+    for start in range(0, test.n, batch_size):
+        x = test.batch(torch.arange(start, min(start + batch_size, test.n), device=dev))
+        q = model.encoder(x)
+        mu, logvar = q.mu.float(), q.logvar.float()
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen, device=dev)
+        recon_sampled = M.recon_nll(model.decoder, z, x, lik, opts)
+        params_mean = model.decoder(mu).float()
+        recon_mean = -lik.log_prob(params_mean, x, opts).log_px
+        kl = M.kl_per_dim(mu, logvar).sum(1)
+        ll = M.iwae_log_likelihood(model, x, lik, opts, k=k, chunk=_chunk_for(k, x.shape[0]), generator=gen)
+        n = x.shape[0]
+        gap = M.z_usage_gap(model.decoder, z, x, lik, opts, generator=cpu_gen) if n > 1 else 0.0
+        sums += torch.tensor([recon_sampled.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n, n], dtype=torch.float64)
+        mus.append(mu.cpu())
+        logvars.append(logvar.cpu())
+        recons.append(lik.mean(params_mean, opts).clamp(0, 1).cpu())
+    n_test = test.n
+    recon_nll, recon_nll_mean_z, kl, ll = (sums[:4] / n_test).tolist()
+    mu_all, logvar_all, recon_all = torch.cat(mus), torch.cat(logvars), torch.cat(recons)
+
+    kl_stats = M.kl_dimension_stats(mu_all, logvar_all)
+    n_active, _ = M.active_units(mu_all)
+    b = min(mi_batch, n_test)
+    mi = M.mutual_information(mu_all[:b], logvar_all[:b], generator=cpu_gen)
+
+    samples = []
+    for start in range(0, n_samples, batch_size):
+        m = min(batch_size, n_samples - start)
+        z = torch.randn(m, model.latent_dim, generator=gen, device=dev)
+        samples.append(lik.mean(model.decoder(z).float(), opts).clamp(0, 1).cpu())
+    samples_all = torch.cat(samples)
+    reference = reference.float().cpu()
+    sharp_recon = M.sharpness(recon_all, reference)
+    sharp_samples = M.sharpness(samples_all, reference)
+
+    out = {
+        "test/elbo": -(recon_nll + kl),
+        "test/recon_nll": recon_nll,
+        "test/recon_nll_mean_z": recon_nll_mean_z,
+        "test/kl": kl,
+        "test/iwae_nll": -ll,
+        "test/bits_per_dim": M.bits_per_dim(-ll, N_PIXELS),
+        "test/kl_dim_max": kl_stats["kl_dim_max"],
+        "test/collapsed_dims": kl_stats["collapsed_dims"],
+        "test/active_units": n_active,
+        "test/mutual_info": mi,
+        "test/z_usage_gap": float(sums[4] / sums[5]),
+        "test/iwae_k": k,
+    }
+    for name, value in sharp_recon.items():
+        out[f"test/sharpness/recon_{name}"] = value
+    for name, value in sharp_samples.items():
+        out[f"test/sharpness/samples_{name}"] = value
+    out["test/eval_seconds"] = time.perf_counter() - t0
+
+    result = {
+        "metrics": out,
+        "kl_per_dim": kl_stats["kl_per_dim"].tolist(),
+        "params": {"eval.iwae_k": k, "eval.mi_batch": b, "eval.n_samples": n_samples, "eval.hf_cutoff": 0.25,
+                   "eval.test_images": n_test},
+    }
+    if out_dir is not None:
+        result["artifacts"] = _images(model, lik, opts, test, recon_all, samples_all, kl_stats["kl_per_dim"], out_dir, gen)
+    model.train()
+    return result
+
+
+@torch.no_grad()
+def _images(model, lik, opts, test, recon_all, samples_all, kl_vec, out_dir: Path, gen) -> list[Path]:
+    dev = test.images.device
+    originals = test.batch(torch.arange(min(32, test.n), device=dev)).cpu()
+    files = [
+        save_grid(pairs(originals, recon_all[: originals.shape[0]]), out_dir / "test_reconstructions.png", nrow=8),
+        save_grid(samples_all[:64], out_dir / "test_samples.png", nrow=8),
+    ]
+    # Latent traversals: the 8 dimensions with most KL, each swept over ±3σ of the prior from the
+    # posterior mean of one test image (rows = dimensions, columns = values).
+    top = torch.argsort(kl_vec, descending=True)[: min(8, kl_vec.numel())]
+    base = model.encoder(test.batch(torch.arange(1, device=dev))).mu.float()  # (1, D)
+    values = torch.linspace(-3, 3, 9, device=dev)
+    rows = []
+    for j in top.tolist():
+        z = base.repeat(values.numel(), 1)
+        z[:, j] = values
+        rows.append(lik.mean(model.decoder(z).float(), opts).clamp(0, 1).cpu())
+    files.append(save_grid(torch.cat(rows), out_dir / "latent_traversals.png", nrow=values.numel()))
+    files.append(_kl_bar_chart(kl_vec, out_dir / "kl_per_dim.png"))
+    kl_json = out_dir / "kl_per_dim.json"
+    kl_json.write_text(json.dumps([float(v) for v in kl_vec]))
+    files.append(kl_json)
+    return files
+
+
+def _kl_bar_chart(kl_vec: torch.Tensor, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = torch.argsort(kl_vec, descending=True)
+    fig, ax = plt.subplots(figsize=(max(4, 0.25 * kl_vec.numel() + 1), 3))
+    ax.bar(range(kl_vec.numel()), kl_vec[order].numpy(), color=["#4c72b0" if v >= M.COLLAPSED_KL else "#c44e52" for v in kl_vec[order]])
+    ax.axhline(M.COLLAPSED_KL, color="gray", lw=0.8, ls="--", label=f"collapsed below {M.COLLAPSED_KL} nats")
+    ax.set_xticks(range(kl_vec.numel()), [str(int(i)) for i in order], fontsize=7)
+    ax.set_xlabel("latent dimension (sorted by KL)")
+    ax.set_ylabel("mean KL (nats)")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = None, *, k: int | None = None,
+                   batch_size: int = 500, mi_batch: int = 1000, n_samples: int = 2000, test_subset: int | None = None,
+                   device: str = "auto", log=print, sink=None) -> dict:
+    """Evaluate a checkpoint (or the checkpoint of an MLflow run) and record the results."""
+    if checkpoint is None:
+        if run_id is None:
+            raise ValueError("give a checkpoint path or an MLflow run id")
+        from pipeline.tracking import get_run
+
+        run_dir = get_run(run_id).data.tags.get("run_dir")
+        if not run_dir:
+            raise FileNotFoundError(f"MLflow run {run_id} has no run_dir tag; pass --checkpoint instead")
+        checkpoint = Path(run_dir) / CHECKPOINT
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / CHECKPOINT
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint}")
+    dev = resolve_device(device)
+    ck = load_checkpoint(checkpoint, dev)
+    cfg = build_config(ck["config"])
+    lik = get_likelihood(cfg.likelihood.name)
+    model = build_model(cfg.model, lik.params_per_pixel).to(dev)
+    model.load_state_dict(ck["model"])
+
+    splits = ensure_splits(cfg.data, log=log)
+    test_x = splits.test_x[:test_subset] if test_subset else splits.test_x
+    # Binarized models are scored on one fixed binarization of the test set.
+    test = DeviceData(test_x, dev, "static" if cfg.data.binarize != "none" else "none", static_seed=cfg.data.split_seed + 2)
+    k = k or default_iwae_k(dev)
+    log(f"[evaluate] {checkpoint}: {test.n} test images, IWAE k={k} on {dev}")
+    result = evaluate_model(model, cfg, test, test_x.float() / 255, k=k, batch_size=batch_size, mi_batch=mi_batch,
+                            n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval", log=log)
+    m = result["metrics"]
+    atomic_write_json({"checkpoint": str(checkpoint), "epoch": ck["epoch"], "step": ck["step"], **result,
+                       "artifacts": [str(p) for p in result.get("artifacts", [])]}, checkpoint.parent / METRICS_FILE)
+    log(
+        f"[evaluate] iwae_nll {m['test/iwae_nll']:.2f}  elbo {m['test/elbo']:.2f}  kl {m['test/kl']:.2f}  "
+        f"active {m['test/active_units']}/{cfg.model.latent_dim}  MI {m['test/mutual_info']:.2f}  "
+        f"z_gap {m['test/z_usage_gap']:.2f}  sample sharpness (laplacian) {m['test/sharpness/samples_laplacian_ratio']:.2f}× data"
+    )
+    _record(result, ck, cfg, sink, checkpoint)
+    return result
+
+
+def _record(result: dict, ck: dict, cfg: RunConfig, sink, checkpoint: Path) -> None:
+    run_id = ck.get("run_id")
+    if sink is None:
+        if run_id is None or not cfg.tracking.enabled:
+            return
+        from pipeline.tracking import reopen_run
+
+        sink = reopen_run(run_id)
+        if sink is None:
+            return
+    step = int(ck["step"])
+    sink.log_metrics([(k, float(v), step) for k, v in result["metrics"].items() if not math.isnan(float(v))])
+    sink.log_params(result["params"])
+    for path in result.get("artifacts", []):
+        sink.log_artifact(path, "eval")
+    sink.log_artifact(checkpoint.parent / METRICS_FILE, "eval")
+    sink.flush()

@@ -1,0 +1,177 @@
+"""Diagnostics of collapse, likelihood and sharpness: pure functions of tensors, each with its source.
+
+Conventions: images are (N, 1, 28, 28) in [0, 1]; posterior means and log-variances are (N, D);
+log-densities are in nats. Nothing here touches files or tracking.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.objectives import kl_per_dim
+
+LOG_2PI = math.log(2 * math.pi)
+COLLAPSED_KL = 0.01  # nats: a dimension whose mean KL is below this carries no information
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015, Sec. 5.2
+
+
+# --- collapse ------------------------------------------------------------------------------------
+def kl_dimension_stats(mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, object]:
+    """Mean KL per dimension over the data, (D,), with the rate and collapse counts."""
+    kl = kl_per_dim(mu.double(), logvar.double()).mean(0)  # (D,)
+    return {
+        "kl_per_dim": kl,
+        "rate": float(kl.sum()),
+        "kl_dim_max": float(kl.max()),
+        "collapsed_dims": int((kl < COLLAPSED_KL).sum()),
+    }
+
+
+def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> tuple[int, torch.Tensor]:
+    """Burda et al. 2015: A_j = Cov_x(E_q[z_j | x]); unit j is active when A_j > threshold."""
+    activity = mu.double().var(0, unbiased=False)  # (D,)
+    return int((activity > threshold).sum()), activity
+
+
+def diag_gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; μ, diag(exp(logvar))) summed over the last dimension (broadcasting)."""
+    return -0.5 * (LOG_2PI * z.shape[-1] + (logvar + (z - mu) ** 2 / torch.exp(logvar)).sum(-1))
+
+
+def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> float:
+    """I(x; z) under the batch's aggregate posterior (He et al. 2019, "Lagging inference networks").
+
+    I = E_x E_q(z|x)[log q(z|x)] − E_x E_q(z|x)[log q(z)], with q(z) ≈ (1/B) Σ_j q(z|x_j) over the
+    batch. The estimate cannot exceed log B, so a large fixed batch is used and its size reported.
+    """
+    mu, logvar = mu.double(), logvar.double()
+    b = mu.shape[0]
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    z = mu + torch.exp(0.5 * logvar) * eps  # (B, D): one sample per x
+    log_q_zi_xj = diag_gaussian_log_prob(z.unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0))  # (B, B)
+    log_q_zi_xi = log_q_zi_xj.diagonal()
+    log_qz = torch.logsumexp(log_q_zi_xj, dim=1) - math.log(b)
+    # He et al. take E[log q(z|x)] in closed form (minus the entropy); evaluating it at the same z as
+    # log q(z) has the same expectation and cancels most Monte Carlo noise: the estimate is exactly 0
+    # when every posterior is the same, and exactly log B when they do not overlap.
+    return float((log_q_zi_xi - log_qz).mean())
+
+
+# --- likelihood ----------------------------------------------------------------------------------
+@torch.no_grad()
+def iwae_log_likelihood(
+    model,
+    x: torch.Tensor,
+    likelihood,
+    opts,
+    k: int,
+    chunk: int = 100,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Importance-weighted estimate of log p(x) per example, (B,) (Burda et al. 2015, Eq. 8).
+
+    log p(x) ≈ logsumexp_i [log p(x|z_i) + log p(z_i) − log q(z_i|x)] − log k, z_i ~ q(z|x).
+    The k samples are drawn `chunk` at a time and combined with a running log-sum-exp, so memory
+    is O(B · chunk) whatever k is.
+    """
+    q = model.encoder(x)
+    mu, logvar = q.mu.float(), q.logvar.float()
+    b, d = mu.shape
+    running = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
+    done = 0
+    while done < k:
+        m = min(chunk, k - done)
+        eps = torch.randn((m, b, d), generator=generator, device=x.device)
+        z = mu + torch.exp(0.5 * logvar) * eps  # (m, B, D)
+        params = model.decoder(z.reshape(m * b, d)).float()
+        x_rep = x.unsqueeze(0).expand(m, *x.shape).reshape(m * b, *x.shape[1:])
+        log_px_z = likelihood.log_prob(params, x_rep, opts).log_px.view(m, b)
+        log_pz = -0.5 * (d * LOG_2PI + (z * z).sum(-1))
+        log_qz_x = diag_gaussian_log_prob(z, mu, logvar)
+        log_w = (log_px_z + log_pz - log_qz_x).double()  # (m, B)
+        running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
+        done += m
+    return running - math.log(k)
+
+
+def bits_per_dim(nll_nats: float, n_dims: int) -> float:
+    return nll_nats / (n_dims * math.log(2))
+
+
+@torch.no_grad()
+def recon_nll(decoder, z: torch.Tensor, x: torch.Tensor, likelihood, opts) -> torch.Tensor:
+    """−log p(x|z) per example, (B,)."""
+    return -likelihood.log_prob(decoder(z).float(), x, opts).log_px
+
+
+@torch.no_grad()
+def z_usage_gap(decoder, z: torch.Tensor, x: torch.Tensor, likelihood, opts, generator=None) -> float:
+    """How much the decoder uses z: mean recon NLL with z shuffled across the batch minus matched.
+
+    ≈ 0 means every x is decoded as well from another image's code as from its own: the decoder
+    ignores z (posterior collapse seen from the decoder's side).
+    """
+    perm = torch.randperm(z.shape[0], generator=generator, device="cpu").to(z.device)
+    matched = recon_nll(decoder, z, x, likelihood, opts).mean()
+    shuffled = recon_nll(decoder, z[perm], x, likelihood, opts).mean()
+    return float(shuffled - matched)
+
+
+# --- sharpness -----------------------------------------------------------------------------------
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def _conv(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    k = kernel.to(images.device, images.dtype).view(1, 1, 3, 3)
+    return F.conv2d(images, k)  # valid convolution: no border artefacts
+
+
+def laplacian_variance(images: torch.Tensor) -> float:
+    """Variance of the Laplacian (Pech-Pacheco et al. 2000), averaged over images."""
+    return float(_conv(images.float(), _LAPLACIAN).flatten(1).var(1).mean())
+
+
+def tenengrad(images: torch.Tensor) -> float:
+    """Tenengrad (Krotkov 1987): mean squared Sobel gradient magnitude."""
+    x = images.float()
+    gx, gy = _conv(x, _SOBEL_X), _conv(x, _SOBEL_X.T)
+    return float((gx * gx + gy * gy).mean())
+
+
+def high_frequency_ratio(images: torch.Tensor, cutoff: float = 0.25) -> float:
+    """Share of spectral energy above `cutoff` (cycles/pixel, Nyquist = 0.5), Hann-windowed.
+
+    The window suppresses the spurious high frequencies a non-periodic image's borders create;
+    the mean is removed first so the DC term does not dominate the denominator.
+    """
+    x = images.float()[:, 0]
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    h, w = x.shape[-2:]
+    window = torch.outer(torch.hann_window(h, periodic=False), torch.hann_window(w, periodic=False)).to(x.device)
+    power = torch.fft.fft2(x * window).abs() ** 2  # (N, H, W)
+    fy = torch.fft.fftfreq(h, device=x.device).abs().view(-1, 1)
+    fx = torch.fft.fftfreq(w, device=x.device).abs().view(1, -1)
+    high = (torch.sqrt(fx * fx + fy * fy) > cutoff).float()
+    total = power.flatten(1).sum(1).clamp(min=1e-12)
+    return float(((power * high).flatten(1).sum(1) / total).mean())
+
+
+SHARPNESS_MEASURES = {
+    "laplacian": laplacian_variance,
+    "tenengrad": tenengrad,
+    "hf_energy": high_frequency_ratio,
+}
+
+
+def sharpness(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """Each measure for `images` and as a ratio to `reference` (real data: 1.0 = as sharp)."""
+    out = {}
+    for name, fn in SHARPNESS_MEASURES.items():
+        value, ref = fn(images), fn(reference)
+        out[name] = value
+        out[f"{name}_ratio"] = value / ref if ref > 0 else math.nan
+    return out

@@ -1,0 +1,95 @@
+"""The evaluate stage on real trained checkpoints, into the run's own MLflow run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import build_config
+from pipeline.evaluate import METRICS_FILE, evaluate_stage
+from pipeline.train import CHECKPOINT, atomic_torch_save, load_checkpoint, train_stage
+
+from .conftest import subprocess_env
+
+QUIET = dict(log=lambda *_: None)
+EVAL_SMALL = ["eval.test_subset=400", "eval.iwae_k=8", "eval.n_samples=200", "eval.mi_batch=400", "eval.batch_size=200"]
+TRAIN_SMALL = ["data.train_subset=1024", "train.batch_size=128", "train.epochs=1", "model.hidden_dim=64",
+               "model.latent_dim=6", "train.grid_images=8", "tracking.experiment=ev"]
+
+EXPECTED_KEYS = {
+    "test/elbo", "test/recon_nll", "test/recon_nll_mean_z", "test/kl", "test/iwae_nll", "test/bits_per_dim",
+    "test/kl_dim_max", "test/collapsed_dims", "test/active_units", "test/mutual_info", "test/z_usage_gap",
+    "test/iwae_k",
+} | {f"test/sharpness/{w}_{m}{r}" for w in ("recon", "samples") for m in ("laplacian", "tenengrad", "hf_energy")
+     for r in ("", "_ratio")}
+
+
+@pytest.fixture
+def trained(home):
+    cfg = build_config(overrides=[*TRAIN_SMALL, *EVAL_SMALL])
+    return train_stage(cfg, progress=False, **QUIET)
+
+
+def _runs(experiment):
+    from pipeline.tracking import client
+
+    c = client()
+    return c.search_runs([c.get_experiment_by_name(experiment).experiment_id])
+
+
+def test_training_ends_with_an_evaluation_in_the_same_run(trained):
+    from pipeline.tracking import get_run
+
+    run = get_run(trained.run_id)
+    assert run.info.status == "FINISHED"
+    assert EXPECTED_KEYS <= set(run.data.metrics)
+    assert run.data.params["eval.iwae_k"] == "8"
+    run_dir = Path(trained.run_dir)
+    saved = json.loads((run_dir / METRICS_FILE).read_text())
+    assert saved["metrics"]["test/iwae_nll"] == pytest.approx(run.data.metrics["test/iwae_nll"])
+    assert len(saved["kl_per_dim"]) == 6
+    # The IWAE bound is at least as tight as the single-sample ELBO (up to Monte Carlo noise).
+    assert saved["metrics"]["test/iwae_nll"] <= -saved["metrics"]["test/elbo"] + 0.5
+    assert (run_dir / "eval" / "latent_traversals.png").exists()
+    assert len(_runs("ev")) == 1
+
+
+def test_reevaluating_from_the_cli_replaces_values_and_never_adds_a_run(trained, home):
+    before = json.loads((Path(trained.run_dir) / METRICS_FILE).read_text())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "evaluate", "--run", trained.run_id, "--k", "3", "--test-subset", "200",
+         "--n-samples", "50", "--mi-batch", "200"],
+        env=subprocess_env(home), cwd=home, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    after = json.loads((Path(trained.run_dir) / METRICS_FILE).read_text())
+    assert after["params"]["eval.iwae_k"] == 3 and before["params"]["eval.iwae_k"] == 8
+    runs = _runs("ev")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["test/iwae_k"] == 3  # the newest evaluation is the run's value
+
+
+def test_an_encoder_that_outputs_the_prior_is_diagnosed_as_collapsed(trained, home):
+    # Zero the encoder's output layer: μ = 0 and log σ² = 0 for every image, i.e. q(z|x) = p(z).
+    ck = load_checkpoint(Path(trained.run_dir) / CHECKPOINT)
+    for name in ("encoder.head.weight", "encoder.head.bias"):
+        ck["model"][name] = torch.zeros_like(ck["model"][name])
+    ck["run_id"] = None  # evaluate without touching the original run
+    collapsed = home / "collapsed" / CHECKPOINT
+    atomic_torch_save(ck, collapsed)
+    m = evaluate_stage(collapsed, k=8, test_subset=400, n_samples=200, mi_batch=400, batch_size=200, **QUIET)["metrics"]
+    assert m["test/active_units"] == 0 and m["test/collapsed_dims"] == 6
+    assert m["test/kl"] == pytest.approx(0.0, abs=1e-9) and m["test/kl_dim_max"] == pytest.approx(0.0, abs=1e-9)
+    assert abs(m["test/mutual_info"]) < 1e-9
+    # Every image is decoded from prior noise alone: swapping codes across images changes nothing on average.
+    assert abs(m["test/z_usage_gap"]) < 0.05 * m["test/recon_nll"]
+
+
+def test_missing_checkpoint_is_a_clear_error(home):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        evaluate_stage(home / "nowhere", **QUIET)

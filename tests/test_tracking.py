@@ -1,0 +1,48 @@
+"""The tracking layer: background writer failures, masking, run re-attachment."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_a_failed_block_stops_the_run_and_nothing_after_the_gap_is_stored(home):
+    from pipeline.tracking import MlflowRun, TrackingError, metric_history
+
+    run = MlflowRun("w", run_name="writer-failure")
+    run.log_metrics([("train/loss", 1.0, s) for s in range(3)])
+    run.log_metrics([("bad key!?", 1.0, 3)])  # MLflow rejects the name: this block fails
+    run.log_metrics([("train/loss", 1.0, s) for s in range(4, 7)])
+    with pytest.raises(TrackingError, match="rerun the same command"):
+        run.flush()
+    # Steps after the failed block were dropped, so last_steps points at the gap, not beyond it.
+    assert [s for s, _ in metric_history(run.run_id, "train/loss")] == [0, 1, 2]
+    assert run.last_steps(["train/loss"]) == {"train/loss": 2}
+    with pytest.raises(TrackingError):
+        run.log_metrics([("train/loss", 1.0, 7)])
+    with pytest.raises(TrackingError):
+        run.end("FINISHED")
+    from pipeline.tracking import get_run
+
+    r = get_run(run.run_id)
+    assert r.info.status == "FAILED" and r.data.tags["failure_reason"] == "tracking_error"
+
+
+def test_credentials_are_masked():
+    from pipeline.tracking import _masked
+
+    assert _masked("postgresql+psycopg://alice:s3cr3t@db:5432/mlflow") == "postgresql+psycopg://alice:***@db:5432/mlflow"
+    assert _masked("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_reattaching_keeps_the_run_and_its_status_when_asked(home):
+    from pipeline.tracking import MlflowRun, get_run, reopen_run
+
+    run = MlflowRun("w", run_name="x")
+    run.log_metrics([("a", 1.0, 0)])
+    run.end("FINISHED")
+    again = reopen_run(run.run_id)
+    again.log_metrics([("a", 2.0, 1)])
+    again.flush()
+    r = get_run(run.run_id)
+    assert r.info.status == "FINISHED" and r.data.metrics["a"] == 2.0
+    assert reopen_run("0" * 32) is None
