@@ -17,6 +17,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default 0)")
     p.add_argument("--download", action="store_true", help="download with torchvision if no local copy is found (needs internet)")
     p.add_argument("--force", action="store_true", help="redo even if a valid cache exists")
+    p.add_argument("--no-classifier", action="store_true",
+                   help="skip training the feature classifier used by evaluate (it is trained on first use then)")
 
 
 def _add_train(sub) -> None:
@@ -39,7 +41,7 @@ def _add_evaluate(sub) -> None:
     g.add_argument("--checkpoint", help="checkpoint file or run directory")
     p.add_argument("--k", type=int, help="IWAE importance samples (default 1000 on CUDA, 100 on CPU)")
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
-    p.add_argument("--n-samples", type=int, default=2000, help="prior samples for sample sharpness (default 2000)")
+    p.add_argument("--n-samples", type=int, default=10_000, help="prior samples for sharpness and Fréchet distance (default 10000)")
     p.add_argument("--mi-batch", type=int, default=1000, help="batch size of the mutual-information estimate")
     p.add_argument("--device", default="auto")
 
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_prepare(args) -> int:
-    from pipeline.data import prepare
+    from pipeline.config import DataConfig
+    from pipeline.data import load_splits, prepare
 
     prepare(
         args.dataset,
@@ -71,6 +74,14 @@ def _cmd_prepare(args) -> int:
         download=args.download,
         force=args.force,
     )
+    if not args.no_classifier:
+        from pipeline.classifier import ensure_classifier
+        from pipeline.train import resolve_device
+
+        data_cfg = DataConfig(dataset=args.dataset, val_size=args.val_size, split_seed=args.split_seed)
+        splits = load_splits(args.dataset, args.val_size, args.split_seed)
+        _, info = ensure_classifier(data_cfg, splits, resolve_device("auto"))
+        print(f"[prepare] feature classifier ready (test accuracy {info['test_accuracy']:.2%})")
     return 0
 
 

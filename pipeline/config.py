@@ -129,7 +129,8 @@ class EvalConfig(_Section):
     test_subset: int | None = Field(None, ge=2)
     batch_size: int = Field(500, ge=1)
     mi_batch: int = Field(1000, ge=2)
-    n_samples: int = Field(2000, ge=1)
+    # Prior samples for sample sharpness and the classifier Fréchet distance.
+    n_samples: int = Field(10_000, ge=2)
 
 
 class RunConfig(_Section):

@@ -36,12 +36,14 @@ def _chunk_for(k: int, batch: int, budget: int = 20_000) -> int:
 
 @torch.no_grad()
 def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Tensor, *, k: int, batch_size: int,
-                   mi_batch: int, n_samples: int, seed: int, out_dir: Path | None = None, log=print) -> dict:
+                   mi_batch: int, n_samples: int, seed: int, out_dir: Path | None = None, log=print,
+                   sigma_star: float | None = None, classifier=None, test_labels: torch.Tensor | None = None) -> dict:
     """All test diagnostics of one model, as {"test/…": float} plus the KL vector and artifacts."""
     model.eval()
     dev = test.images.device
     lik = get_likelihood(cfg.likelihood.name)
-    opts = LikelihoodOptions(scale=cfg.likelihood.scale, min_log_sigma=cfg.likelihood.min_log_sigma)
+    opts = LikelihoodOptions(scale=cfg.likelihood.scale, min_log_sigma=cfg.likelihood.min_log_sigma,
+                             fixed_sigma=sigma_star)
     gen = torch.Generator(device=dev).manual_seed(seed)
     cpu_gen = torch.Generator().manual_seed(seed)
 
@@ -101,6 +103,17 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
         out[f"test/sharpness/recon_{name}"] = value
     for name, value in sharp_samples.items():
         out[f"test/sharpness/samples_{name}"] = value
+    if classifier is not None:
+        from pipeline.classifier import predict
+
+        cdev = next(classifier.parameters()).device
+        real_features, _ = predict(classifier, reference.to(cdev))
+        sample_features, _ = predict(classifier, samples_all.to(cdev))
+        recon_features, recon_pred = predict(classifier, recon_all.to(cdev))
+        out["test/fd_classifier"] = M.frechet_distance(sample_features.cpu(), real_features.cpu())
+        out["test/recon_fd_classifier"] = M.frechet_distance(recon_features.cpu(), real_features.cpu())
+        if test_labels is not None:
+            out["test/recon_class_acc"] = float((recon_pred.cpu() == test_labels.cpu()).float().mean())
     out["test/eval_seconds"] = time.perf_counter() - t0
 
     result = {
@@ -163,7 +176,7 @@ def _kl_bar_chart(kl_vec: torch.Tensor, path: Path) -> Path:
 
 
 def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = None, *, k: int | None = None,
-                   batch_size: int = 500, mi_batch: int = 1000, n_samples: int = 2000, test_subset: int | None = None,
+                   batch_size: int = 500, mi_batch: int = 1000, n_samples: int = 10_000, test_subset: int | None = None,
                    device: str = "auto", log=print, sink=None) -> dict:
     """Evaluate a checkpoint (or the checkpoint of an MLflow run) and record the results."""
     if checkpoint is None:
@@ -181,7 +194,7 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     if not checkpoint.is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}")
     dev = resolve_device(device)
-    ck = load_checkpoint(checkpoint, dev)
+    ck = load_checkpoint(checkpoint, "cpu")
     cfg = build_config(ck["config"])
     lik = get_likelihood(cfg.likelihood.name)
     model = build_model(cfg.model, lik.params_per_pixel).to(dev)
@@ -192,16 +205,23 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     # Binarized models are scored on one fixed binarization of the test set.
     test = DeviceData(test_x, dev, "static" if cfg.data.binarize != "none" else "none", static_seed=cfg.data.split_seed + 2)
     k = k or default_iwae_k(dev)
+    from pipeline.classifier import ensure_classifier
+
+    classifier, classifier_info = ensure_classifier(cfg.data, splits, dev, log=log)
     log(f"[evaluate] {checkpoint}: {test.n} test images, IWAE k={k} on {dev}")
     result = evaluate_model(model, cfg, test, test_x.float() / 255, k=k, batch_size=batch_size, mi_batch=mi_batch,
-                            n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval", log=log)
+                            n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval", log=log,
+                            sigma_star=ck.get("sigma_star"), classifier=classifier,
+                            test_labels=splits.test_y[: test.n])
+    result["params"]["eval.classifier_test_accuracy"] = round(classifier_info["test_accuracy"], 4)
     m = result["metrics"]
     atomic_write_json({"checkpoint": str(checkpoint), "epoch": ck["epoch"], "step": ck["step"], **result,
                        "artifacts": [str(p) for p in result.get("artifacts", [])]}, checkpoint.parent / METRICS_FILE)
     log(
         f"[evaluate] iwae_nll {m['test/iwae_nll']:.2f}  elbo {m['test/elbo']:.2f}  kl {m['test/kl']:.2f}  "
         f"active {m['test/active_units']}/{cfg.model.latent_dim}  MI {m['test/mutual_info']:.2f}  "
-        f"z_gap {m['test/z_usage_gap']:.2f}  sample sharpness (laplacian) {m['test/sharpness/samples_laplacian_ratio']:.2f}× data"
+        f"z_gap {m['test/z_usage_gap']:.2f}  FD {m['test/fd_classifier']:.2f}  recon acc {m['test/recon_class_acc']:.1%}  "
+        f"sample sharpness (laplacian) {m['test/sharpness/samples_laplacian_ratio']:.2f}× data"
     )
     _record(result, ck, cfg, sink, checkpoint)
     return result

@@ -23,6 +23,9 @@ LOG_2PI = math.log(2 * math.pi)
 class LikelihoodOptions:
     scale: float = 0.1  # σ (gaussian) or b (laplace)
     min_log_sigma: float = -6.0  # σ-VAE soft clip
+    # σ-VAE at evaluation: the σ learned in training, so held-out data is not scored with a σ fitted
+    # to itself (which would flatter the likelihood).
+    fixed_sigma: float | None = None
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,12 @@ def _soft_clip_min(t: torch.Tensor, lo: float) -> torch.Tensor:
 def gaussian_learned_log_prob(params, x, opts) -> LogProb:
     mu = params[:, 0]
     sq = (x - mu) ** 2
-    # σ*² = MSE over the batch and pixels maximises the likelihood for a shared σ (Eq. 7 of the
-    # paper); it is a statistic of the batch, not a parameter, so no gradient flows through it.
-    log_sigma = _soft_clip_min(0.5 * torch.log(sq.detach().mean()), opts.min_log_sigma)
+    if opts.fixed_sigma is not None:
+        log_sigma = torch.tensor(math.log(opts.fixed_sigma), device=x.device, dtype=sq.dtype)
+    else:
+        # σ*² = MSE over the batch and pixels maximises the likelihood for a shared σ (Eq. 7 of the
+        # paper); it is a statistic of the batch, not a parameter, so no gradient flows through it.
+        log_sigma = _soft_clip_min(0.5 * torch.log(sq.detach().mean()), opts.min_log_sigma)
     inv_var = torch.exp(-2 * log_sigma)
     return LogProb(_sum_pixels(-0.5 * sq * inv_var - log_sigma - 0.5 * LOG_2PI), torch.exp(log_sigma))
 

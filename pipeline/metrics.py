@@ -175,3 +175,25 @@ def sharpness(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]
         out[name] = value
         out[f"{name}_ratio"] = value / ref if ref > 0 else math.nan
     return out
+
+
+# --- sample quality ------------------------------------------------------------------------------
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    evals, evecs = torch.linalg.eigh(m)
+    return (evecs * evals.clamp(min=0).sqrt()) @ evecs.T
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (Dowson & Landau 1982;
+    Heusel et al. 2017, the FID formula): ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½).
+
+    Tr((Σa Σb)^½) is computed as Tr((Σa^½ Σb Σa^½)^½), whose argument is symmetric PSD, so only
+    symmetric eigendecompositions are needed (in float64).
+    """
+    a, b = features_a.double(), features_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
+    root_a = _sqrtm_psd(cov_a)
+    inner = root_a @ cov_b @ root_a
+    tr_cross = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
+    return float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_cross)

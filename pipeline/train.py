@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +262,7 @@ def fit(
     total_steps = steps_per_epoch * tc.epochs
     keys = PER_STEP_KEYS + ((SIGMA_KEY,) if lik.fits_scale else ())
 
-    start_epoch, history = 1, []
+    start_epoch, history, sigma_star = 1, [], None
     ckpt_path = run_dir / CHECKPOINT
     if resume and ckpt_path.exists():
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights where they belong.
@@ -270,7 +270,7 @@ def fit(
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         _set_rng_state(ck["rng"])
-        start_epoch, history = ck["epoch"] + 1, ck["history"]
+        start_epoch, history, sigma_star = ck["epoch"] + 1, ck["history"], ck.get("sigma_star")
         log(f"[train] resuming from epoch {ck['epoch']}/{tc.epochs} (step {ck['step']}) in {run_dir}")
     already = sink.last_steps(keys + EPOCH_KEYS)
 
@@ -295,6 +295,7 @@ def fit(
             leave=False,
         )
         flushed = 0
+        sigma_sum = 0.0
         t0 = time.perf_counter()
         for i in range(steps_per_epoch):
             x = train_data.batch(perm[i * tc.batch_size : (i + 1) * tc.batch_size])
@@ -304,6 +305,8 @@ def fit(
                 bad = ~(torch.isfinite(block[:, _LOSS_COL]) & torch.isfinite(block[:, _GRAD_COL]))
                 good = int(bad.nonzero()[0, 0]) if bad.any() else block.shape[0]
                 _send(sink, keys, block[:good], step0 + flushed, already)
+                if lik.fits_scale:
+                    sigma_sum += float(block[:good, -1].sum())
                 if good < block.shape[0]:
                     bar.close()
                     raise DivergedError(step0 + flushed + good, epoch)
@@ -316,11 +319,15 @@ def fit(
         bar.close()
 
         step_end = epoch * steps_per_epoch
-        val = elbo_terms(model, val_data, ctx, seed=fixed_seed)
+        if lik.fits_scale:
+            # Held-out data is scored with the σ the epoch learned, not one fitted to that data.
+            sigma_star = sigma_sum / steps_per_epoch
+        eval_ctx = replace(ctx, opts=replace(ctx.opts, fixed_sigma=sigma_star))
+        val = elbo_terms(model, val_data, eval_ctx, seed=fixed_seed)
         epoch_points = {**val, "train/images_per_s": images_per_s}
         _send_points(sink, epoch_points, step_end, already)
         history.append({"epoch": epoch, "step": step_end, **epoch_points})
-        for png in render_grids(model, val_data, ctx, tc.grid_images, fixed_seed, images_dir, f"epoch_{epoch:03d}"):
+        for png in render_grids(model, val_data, eval_ctx, tc.grid_images, fixed_seed, images_dir, f"epoch_{epoch:03d}"):
             sink.log_artifact(png, "images")
         # Every point up to this epoch must be stored before the checkpoint says the epoch is done:
         # a resume recomputes only what comes after the checkpoint.
@@ -333,6 +340,7 @@ def fit(
                 "step": step_end,
                 "rng": _rng_state(),
                 "history": history,
+                "sigma_star": sigma_star,
                 "config": cfg.to_dict(),
                 "config_hash": cfg.result_hash(),
                 "run_id": sink.run_id,

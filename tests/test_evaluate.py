@@ -24,7 +24,7 @@ TRAIN_SMALL = ["data.train_subset=1024", "train.batch_size=128", "train.epochs=1
 EXPECTED_KEYS = {
     "test/elbo", "test/recon_nll", "test/recon_nll_mean_z", "test/kl", "test/iwae_nll", "test/bits_per_dim",
     "test/kl_dim_max", "test/collapsed_dims", "test/active_units", "test/mutual_info", "test/z_usage_gap",
-    "test/iwae_k",
+    "test/iwae_k", "test/fd_classifier", "test/recon_fd_classifier", "test/recon_class_acc",
 } | {f"test/sharpness/{w}_{m}{r}" for w in ("recon", "samples") for m in ("laplacian", "tenengrad", "hf_energy")
      for r in ("", "_ratio")}
 
@@ -93,3 +93,22 @@ def test_an_encoder_that_outputs_the_prior_is_diagnosed_as_collapsed(trained, ho
 def test_missing_checkpoint_is_a_clear_error(home):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         evaluate_stage(home / "nowhere", **QUIET)
+
+
+def test_the_feature_classifier_is_accurate_and_its_frechet_distance_separates_data_from_noise(home):
+    from pipeline.classifier import ensure_classifier, predict
+    from pipeline.config import DataConfig
+    from pipeline.data import ensure_splits
+    from pipeline.metrics import frechet_distance
+
+    splits = ensure_splits(DataConfig(), **QUIET)
+    model, info = ensure_classifier(DataConfig(), splits, torch.device("cpu"), **QUIET)
+    assert info["test_accuracy"] >= 0.90
+    test = splits.test_x.float() / 255
+    features, pred = predict(model, test)
+    assert float((pred == splits.test_y).float().mean()) == pytest.approx(info["test_accuracy"], abs=1e-6)
+    halves = frechet_distance(features[:5000], features[5000:])
+    noise = frechet_distance(predict(model, torch.rand(5000, 1, 28, 28, generator=torch.Generator().manual_seed(0)))[0], features)
+    blurred = frechet_distance(predict(model, torch.nn.functional.avg_pool2d(test, 3, 1, 1))[0], features)
+    assert halves < 0.02 * noise, (halves, noise)
+    assert halves < blurred < noise, (halves, blurred, noise)

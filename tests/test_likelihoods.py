@@ -93,6 +93,12 @@ def test_sigma_vae_uses_the_optimal_shared_sigma():
     assert float(clipped) == pytest.approx(expected, rel=1e-9)
 
 
+def test_sigma_vae_scores_held_out_data_with_a_given_sigma():
+    params, x = _batch()
+    out = LIKELIHOODS["gaussian_learned"].log_prob(params, x, LikelihoodOptions(fixed_sigma=0.3))
+    torch.testing.assert_close(out.log_px, _sum(D.Normal(params[:, 0], 0.3).log_prob(x)), atol=1e-5, rtol=1e-7)
+
+
 def test_sigma_vae_soft_clip_keeps_sigma_above_the_floor():
     x = torch.rand(2, 1, 28, 28)
     params = x.unsqueeze(1).clone()  # a perfect reconstruction: σ* = 0

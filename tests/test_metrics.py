@@ -183,3 +183,20 @@ def test_sharpness_ratio_is_one_against_itself_and_below_one_when_blurred(real_t
     for name in metrics.SHARPNESS_MEASURES:
         assert same[f"{name}_ratio"] == pytest.approx(1.0)
         assert blurred[f"{name}_ratio"] < 0.9
+
+
+# --- Fréchet distance ----------------------------------------------------------------------------
+def test_frechet_distance_of_one_dimensional_gaussians_is_the_closed_form():
+    a = torch.randn(5000, 1, generator=_gen(20)) * 2.0 + 1.0
+    b = torch.randn(7000, 1, generator=_gen(21)) * 0.5 - 3.0
+    mu_a, mu_b, sd_a, sd_b = a.double().mean(), b.double().mean(), a.double().std(), b.double().std()
+    expected = float((mu_a - mu_b) ** 2 + (sd_a - sd_b) ** 2)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_symmetric():
+    a = torch.randn(3000, 16, generator=_gen(22)) @ torch.randn(16, 16, generator=_gen(23))
+    b = torch.randn(3000, 16, generator=_gen(24))
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance(a, b) == pytest.approx(metrics.frechet_distance(b, a), rel=1e-6)
+    assert metrics.frechet_distance(a, b) > 1.0

@@ -62,6 +62,10 @@ def test_two_epoch_run_tracks_every_step_once(home):
     _assert_one_point_per_step(result.run_id, PER_STEP_KEYS + (SIGMA_KEY,), 16)
     for key in EPOCH_KEYS:
         assert [s for s, _ in _history(result.run_id, key)] == [8, 16]
+    # Validation scores held-out data with the σ the last epoch learned, kept in the checkpoint.
+    sigmas = [v for _, v in _history(result.run_id, SIGMA_KEY)]
+    assert load_checkpoint(train_mod.Path(result.run_dir) / CHECKPOINT)["sigma_star"] == pytest.approx(
+        sum(sigmas[8:]) / 8, rel=1e-6)
     betas = [v for _, v in _history(result.run_id, "train/beta")]
     assert betas[0] == 0.0 and betas[5] == pytest.approx(0.5) and betas[15] == pytest.approx(1.0)
     # ELBO is logged with its sign: −(recon + KL), with the raw KL (not the penalized one).
