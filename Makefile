@@ -48,12 +48,13 @@ train: setup ## train one config (CONFIG=file.yaml SET="objective.beta=4 train.e
 evaluate: setup ## evaluate a trained run: make evaluate RUN=<mlflow run id> (or CHECKPOINT=runs/…/checkpoint.pt)
 	$(PY) -m pipeline evaluate $(if $(RUN),--run $(RUN),--checkpoint $(CHECKPOINT))
 
-demo: setup ## set up, prepare and train the demo config on CPU (a few minutes), then say where to look
+demo: setup ## set up, prepare, train and evaluate the demo config on CPU (a few minutes), then say where to look
 	$(PY) -m pipeline train --config configs/demo.yaml --set train.device=cpu $(foreach s,$(SET),--set $(s))
 	@echo
-	@echo "Demo done. Browse every loss curve, image grid and checkpoint:"
-	@echo "  make ui      # then open http://127.0.0.1:$(PORT) and pick the 'demo' experiment"
-	@echo "Run directory (checkpoint, config, images): runs/demo/"
+	@echo "Demo done: trained, then evaluated on the test set (likelihood, collapse, sharpness)."
+	@echo "  make ui      # then open http://127.0.0.1:$(PORT), experiment 'demo': per-step losses,"
+	@echo "               # test/* metrics, and images under Artifacts (images/, eval/)"
+	@echo "Run directory (checkpoint, metrics.json, eval/ images): runs/demo/"
 
 test: setup ## set up and run the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q
