@@ -45,6 +45,13 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
     opts = LikelihoodOptions(scale=cfg.likelihood.scale, min_log_sigma=cfg.likelihood.min_log_sigma,
                              fixed_sigma=sigma_star)
     gen = torch.Generator(device=dev).manual_seed(seed)
+    # A density on [0, 1] scored at the 8-bit grid points is not comparable with a probability mass:
+    # continuous likelihoods see uniformly dequantized data (Theis et al. 2016), discrete ones the data.
+    dequantize = not lik.discrete
+    if lik.discrete and cfg.likelihood.name == "bernoulli" and cfg.data.binarize == "none":
+        bpd = math.nan  # Bernoulli on grey levels is not a normalized likelihood of the 8-bit data
+    else:
+        bpd = None
     cpu_gen = torch.Generator().manual_seed(seed)
 
     mus, logvars, recons = [], [], []
@@ -52,6 +59,8 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
     t0 = time.perf_counter()
     for start in range(0, test.n, batch_size):
         x = test.batch(torch.arange(start, min(start + batch_size, test.n), device=dev))
+        if dequantize:
+            x = M.dequantize(x, generator=gen)
         q = model.encoder(x)
         mu, logvar = q.mu.float(), q.logvar.float()
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen, device=dev)
@@ -61,8 +70,9 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
         kl = M.kl_per_dim(mu, logvar).sum(1)
         ll = M.iwae_log_likelihood(model, x, lik, opts, k=k, chunk=_chunk_for(k, x.shape[0]), generator=gen)
         n = x.shape[0]
-        gap = M.z_usage_gap(model.decoder, z, x, lik, opts, generator=cpu_gen) if n > 1 else 0.0
-        sums += torch.tensor([recon_sampled.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n, n], dtype=torch.float64)
+        gap, n_gap = (M.z_usage_gap(model.decoder, z, x, lik, opts), n) if n > 1 else (0.0, 0)
+        sums += torch.tensor([recon_sampled.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n_gap, n_gap],
+                             dtype=torch.float64)
         mus.append(mu.cpu())
         logvars.append(logvar.cpu())
         recons.append(lik.mean(params_mean, opts).clamp(0, 1).cpu())
@@ -73,7 +83,9 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
     kl_stats = M.kl_dimension_stats(mu_all, logvar_all)
     n_active, _ = M.active_units(mu_all)
     b = min(mi_batch, n_test)
-    mi = M.mutual_information(mu_all[:b], logvar_all[:b], generator=cpu_gen)
+    # Averaged over every full batch of b test images: the same estimand, less Monte Carlo noise.
+    mi = sum(M.mutual_information(mu_all[i : i + b], logvar_all[i : i + b], generator=cpu_gen)
+             for i in range(0, n_test - b + 1, b)) / (n_test // b)
 
     samples = []
     for start in range(0, n_samples, batch_size):
@@ -91,13 +103,12 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
         "test/recon_nll_mean_z": recon_nll_mean_z,
         "test/kl": kl,
         "test/iwae_nll": -ll,
-        "test/bits_per_dim": M.bits_per_dim(-ll, N_PIXELS),
+        "test/bits_per_dim": bpd if bpd is not None else M.bits_per_dim(-ll, N_PIXELS, None if lik.discrete else 256),
         "test/kl_dim_max": kl_stats["kl_dim_max"],
         "test/collapsed_dims": kl_stats["collapsed_dims"],
         "test/active_units": n_active,
         "test/mutual_info": mi,
         "test/z_usage_gap": float(sums[4] / sums[5]),
-        "test/iwae_k": k,
     }
     for name, value in sharp_recon.items():
         out[f"test/sharpness/recon_{name}"] = value
@@ -119,8 +130,9 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
     result = {
         "metrics": out,
         "kl_per_dim": kl_stats["kl_per_dim"].tolist(),
-        "params": {"eval.iwae_k": k, "eval.mi_batch": b, "eval.n_samples": n_samples, "eval.hf_cutoff": 0.25,
-                   "eval.test_images": n_test},
+        # The settings this evaluation used; logged as test/ metrics so a re-evaluation replaces them.
+        "params": {"iwae_k": k, "mi_batch": b, "n_samples": n_samples, "hf_cutoff": 0.25, "test_images": n_test,
+                   "dequantized": int(dequantize)},
     }
     if out_dir is not None:
         result["artifacts"] = _images(model, lik, opts, test, recon_all, samples_all, kl_stats["kl_per_dim"], out_dir, gen)
@@ -213,7 +225,7 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
                             n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval", log=log,
                             sigma_star=ck.get("sigma_star"), classifier=classifier,
                             test_labels=splits.test_y[: test.n])
-    result["params"]["eval.classifier_test_accuracy"] = round(classifier_info["test_accuracy"], 4)
+    result["params"]["classifier_test_accuracy"] = classifier_info["test_accuracy"]
     m = result["metrics"]
     atomic_write_json({"checkpoint": str(checkpoint), "epoch": ck["epoch"], "step": ck["step"], **result,
                        "artifacts": [str(p) for p in result.get("artifacts", [])]}, checkpoint.parent / METRICS_FILE)
@@ -223,23 +235,26 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
         f"z_gap {m['test/z_usage_gap']:.2f}  FD {m['test/fd_classifier']:.2f}  recon acc {m['test/recon_class_acc']:.1%}  "
         f"sample sharpness (laplacian) {m['test/sharpness/samples_laplacian_ratio']:.2f}× data"
     )
-    _record(result, ck, cfg, sink, checkpoint)
+    _record(result, ck, cfg, sink, checkpoint, log)
     return result
 
 
-def _record(result: dict, ck: dict, cfg: RunConfig, sink, checkpoint: Path) -> None:
+def _record(result: dict, ck: dict, cfg: RunConfig, sink, checkpoint: Path, log=print) -> None:
     run_id = ck.get("run_id")
     if sink is None:
         if run_id is None or not cfg.tracking.enabled:
+            log(f"[evaluate] the checkpoint belongs to no MLflow run: results are in {checkpoint.parent / METRICS_FILE} only")
             return
-        from pipeline.tracking import reopen_run
+        from pipeline.tracking import reopen_run, tracking_uri
 
         sink = reopen_run(run_id)
         if sink is None:
+            log(f"[evaluate] MLflow run {run_id} is not in {tracking_uri()}: results are in "
+                f"{checkpoint.parent / METRICS_FILE} only")
             return
     step = int(ck["step"])
-    sink.log_metrics([(k, float(v), step) for k, v in result["metrics"].items() if not math.isnan(float(v))])
-    sink.log_params(result["params"])
+    points = {**result["metrics"], **{f"test/{k}": v for k, v in result["params"].items()}}
+    sink.log_metrics([(k, float(v), step) for k, v in points.items() if not math.isnan(float(v))])
     for path in result.get("artifacts", []):
         sink.log_artifact(path, "eval")
     sink.log_artifact(checkpoint.parent / METRICS_FILE, "eval")

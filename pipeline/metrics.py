@@ -55,8 +55,8 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.
     log_q_zi_xi = log_q_zi_xj.diagonal()
     log_qz = torch.logsumexp(log_q_zi_xj, dim=1) - math.log(b)
     # He et al. take E[log q(z|x)] in closed form (minus the entropy); evaluating it at the same z as
-    # log q(z) has the same expectation and cancels most Monte Carlo noise: the estimate is exactly 0
-    # when every posterior is the same, and exactly log B when they do not overlap.
+    # log q(z) has the same expectation, and makes the two limiting cases exact: 0 when every
+    # posterior is the same, log B when they do not overlap (known-answer tests rely on that).
     return float((log_q_zi_xi - log_qz).mean())
 
 
@@ -97,8 +97,18 @@ def iwae_log_likelihood(
     return running - math.log(k)
 
 
-def bits_per_dim(nll_nats: float, n_dims: int) -> float:
-    return nll_nats / (n_dims * math.log(2))
+def bits_per_dim(nll_nats: float, n_dims: int, levels: int | None = None) -> float:
+    """NLL in bits per dimension. For a density evaluated on uniformly dequantized data with
+    `levels` values per dimension, (nll + D·ln levels)/(D·ln 2) bounds the discrete model's bits
+    (Theis et al. 2016); for a probability mass pass levels=None."""
+    offset = n_dims * math.log(levels) if levels else 0.0
+    return (nll_nats + offset) / (n_dims * math.log(2))
+
+
+def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """8-bit intensities k/255 → (k + u)/256 with u ~ U[0, 1): a density's data on [0, 1)."""
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (torch.round(x * 255) + u) / 256
 
 
 @torch.no_grad()
@@ -108,16 +118,18 @@ def recon_nll(decoder, z: torch.Tensor, x: torch.Tensor, likelihood, opts) -> to
 
 
 @torch.no_grad()
-def z_usage_gap(decoder, z: torch.Tensor, x: torch.Tensor, likelihood, opts, generator=None) -> float:
-    """How much the decoder uses z: mean recon NLL with z shuffled across the batch minus matched.
+def z_usage_gap(decoder, z: torch.Tensor, x: torch.Tensor, likelihood, opts) -> float:
+    """How much the decoder uses z: mean recon NLL with codes swapped across the batch minus matched.
 
     ≈ 0 means every x is decoded as well from another image's code as from its own: the decoder
-    ignores z (posterior collapse seen from the decoder's side).
+    ignores z (posterior collapse seen from the decoder's side). Each x gets its neighbour's code
+    (a cyclic shift), so no image keeps its own, as a random permutation sometimes would.
     """
-    perm = torch.randperm(z.shape[0], generator=generator, device="cpu").to(z.device)
+    if z.shape[0] < 2:
+        raise ValueError("z_usage_gap needs a batch of at least 2")
     matched = recon_nll(decoder, z, x, likelihood, opts).mean()
-    shuffled = recon_nll(decoder, z[perm], x, likelihood, opts).mean()
-    return float(shuffled - matched)
+    swapped = recon_nll(decoder, z.roll(1, dims=0), x, likelihood, opts).mean()
+    return float(swapped - matched)
 
 
 # --- sharpness -----------------------------------------------------------------------------------
@@ -146,13 +158,15 @@ def high_frequency_ratio(images: torch.Tensor, cutoff: float = 0.25) -> float:
     """Share of spectral energy above `cutoff` (cycles/pixel, Nyquist = 0.5), Hann-windowed.
 
     The window suppresses the spurious high frequencies a non-periodic image's borders create;
-    the mean is removed first so the DC term does not dominate the denominator.
+    the windowed mean is removed so overall brightness does not enter the ratio.
     """
     x = images.float()[:, 0]
-    x = x - x.mean(dim=(-2, -1), keepdim=True)
     h, w = x.shape[-2:]
     window = torch.outer(torch.hann_window(h, periodic=False), torch.hann_window(w, periodic=False)).to(x.device)
-    power = torch.fft.fft2(x * window).abs() ** 2  # (N, H, W)
+    xw = x * window
+    # Remove the windowed mean (a multiple of the window itself): brightness then has no effect.
+    xw = xw - (xw.sum(dim=(-2, -1), keepdim=True) / window.sum()) * window
+    power = torch.fft.fft2(xw).abs() ** 2  # (N, H, W)
     fy = torch.fft.fftfreq(h, device=x.device).abs().view(-1, 1)
     fx = torch.fft.fftfreq(w, device=x.device).abs().view(1, -1)
     high = (torch.sqrt(fx * fx + fy * fy) > cutoff).float()

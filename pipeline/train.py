@@ -423,7 +423,7 @@ def train_stage(
     """
     if mode not in ("auto", "resume", "restart"):
         raise ValueError(f"mode={mode!r} is not one of: auto, resume, restart")
-    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    run_dir = (Path(run_dir) if run_dir else default_run_dir(cfg)).resolve()
     ckpt_path, result_path, info_path = run_dir / CHECKPOINT, run_dir / RESULT, run_dir / RUN_INFO
 
     if mode == "restart":
@@ -460,7 +460,12 @@ def train_stage(
         log(f"[train] warning: MLflow run {info['run_id']} not found in {_store_hint()}; "
             f"continuing in new run {sink.run_id} without the history before the checkpoint")
         sink.set_tags({"partial_history": "true", "previous_run_id": info["run_id"]})
-    sink.log_params(cfg.flat())  # skips keys already there, so a re-attached run is completed
+    params = cfg.flat()
+    if params["eval.iwae_k"] is None:  # record the k evaluation will use, not "auto"
+        from pipeline.evaluate import default_iwae_k
+
+        params["eval.iwae_k"] = default_iwae_k(device)
+    sink.log_params(params)  # skips keys already there, so a re-attached run is completed
     sink.set_tags(
         {
             "git_commit": _git_commit(),

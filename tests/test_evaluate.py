@@ -22,9 +22,9 @@ TRAIN_SMALL = ["data.train_subset=1024", "train.batch_size=128", "train.epochs=1
                "model.latent_dim=6", "train.grid_images=8", "tracking.experiment=ev"]
 
 EXPECTED_KEYS = {
-    "test/elbo", "test/recon_nll", "test/recon_nll_mean_z", "test/kl", "test/iwae_nll", "test/bits_per_dim",
+    "test/elbo", "test/recon_nll", "test/recon_nll_mean_z", "test/kl", "test/iwae_nll",
     "test/kl_dim_max", "test/collapsed_dims", "test/active_units", "test/mutual_info", "test/z_usage_gap",
-    "test/iwae_k", "test/fd_classifier", "test/recon_fd_classifier", "test/recon_class_acc",
+    "test/iwae_k", "test/mi_batch", "test/fd_classifier", "test/recon_fd_classifier", "test/recon_class_acc",
 } | {f"test/sharpness/{w}_{m}{r}" for w in ("recon", "samples") for m in ("laplacian", "tenengrad", "hf_energy")
      for r in ("", "_ratio")}
 
@@ -68,7 +68,7 @@ def test_reevaluating_from_the_cli_replaces_values_and_never_adds_a_run(trained,
     )
     assert proc.returncode == 0, proc.stderr
     after = json.loads((Path(trained.run_dir) / METRICS_FILE).read_text())
-    assert after["params"]["eval.iwae_k"] == 3 and before["params"]["eval.iwae_k"] == 8
+    assert after["params"]["iwae_k"] == 3 and before["params"]["iwae_k"] == 8
     runs = _runs("ev")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["test/iwae_k"] == 3  # the newest evaluation is the run's value
@@ -112,3 +112,27 @@ def test_the_feature_classifier_is_accurate_and_its_frechet_distance_separates_d
     blurred = frechet_distance(predict(model, torch.nn.functional.avg_pool2d(test, 3, 1, 1))[0], features)
     assert halves < 0.02 * noise, (halves, noise)
     assert halves < blurred < noise, (halves, blurred, noise)
+
+
+@pytest.mark.parametrize(("likelihood", "extra", "dequantized"), [
+    ("bernoulli", ["data.binarize=static"], False),
+    ("discretized_logistic", [], False),
+    ("gaussian_learned", [], True),
+])
+def test_bits_per_dim_is_reported_on_a_comparable_scale(home, likelihood, extra, dequantized):
+    import math
+
+    cfg = build_config(overrides=[*TRAIN_SMALL, *EVAL_SMALL, f"likelihood.name={likelihood}", *extra,
+                                  "tracking.enabled=false"])
+    result = train_stage(cfg, progress=False, **QUIET)
+    saved = json.loads((Path(result.run_dir) / METRICS_FILE).read_text())
+    m = saved["metrics"]
+    assert saved["params"]["dequantized"] == int(dequantized)
+    offset = 784 * math.log(256) if dequantized else 0.0
+    assert m["test/bits_per_dim"] == pytest.approx((m["test/iwae_nll"] + offset) / (784 * math.log(2)))
+    assert m["test/bits_per_dim"] > 0
+
+
+def test_bernoulli_on_grey_levels_reports_no_bits_per_dim(trained):
+    m = json.loads((Path(trained.run_dir) / METRICS_FILE).read_text())["metrics"]
+    assert m["test/bits_per_dim"] != m["test/bits_per_dim"]  # NaN: not a likelihood of 8-bit data
