@@ -14,6 +14,7 @@ SET ?=
 PORT ?= 5000
 RUN ?=
 CHECKPOINT ?=
+STUDY ?= studies/demo.yaml
 
 # As root on Debian with the data missing, install the package that ships the raw IDX files.
 DEBIAN_DATA = if [ "$(DATASET)" = fashion-mnist ] && [ ! -e $(DEBIAN_FMNIST) ] && [ "$$(id -u)" = 0 ] \
@@ -21,7 +22,7 @@ DEBIAN_DATA = if [ "$(DATASET)" = fashion-mnist ] && [ ! -e $(DEBIAN_FMNIST) ] &
 	echo "[setup] installing Debian package dataset-fashion-mnist"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
 
-.PHONY: help setup data train evaluate demo test bench ui lint clean
+.PHONY: help setup data train evaluate plan demo test bench ui lint clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -47,6 +48,9 @@ train: setup ## train one config (CONFIG=file.yaml SET="objective.beta=4 train.e
 
 evaluate: setup ## evaluate a trained run: make evaluate RUN=<mlflow run id> (or CHECKPOINT=runs/…/checkpoint.pt)
 	$(PY) -m pipeline evaluate $(if $(RUN),--run $(RUN),--checkpoint $(CHECKPOINT))
+
+plan: $(STAMP) ## validate a study and list its trials without running them: make plan STUDY=studies/beta.yaml
+	$(PY) -m pipeline plan $(STUDY)
 
 demo: setup ## set up, prepare, train and evaluate the demo config on CPU (a few minutes), then say where to look
 	$(PY) -m pipeline train --config configs/demo.yaml --set train.device=cpu $(foreach s,$(SET),--set $(s))

@@ -46,6 +46,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="validate a study file and list the trials it will run (runs nothing)")
+    p.add_argument("study", help="a study YAML, e.g. studies/beta.yaml")
+
+
 def _add_ui(sub) -> None:
     p = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 against the project's tracking store")
     p.add_argument("--port", type=int, default=5000)
@@ -58,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_train(sub)
     _add_evaluate(sub)
+    _add_plan(sub)
     _add_ui(sub)
     return parser
 
@@ -115,6 +121,27 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from pipeline.studyspec import expand_trials, load_study
+
+    spec = load_study(args.study)
+    print(f"study {spec.name!r} ({spec.sampler}): {spec.description.strip()}".rstrip(": "))
+    print("  factors: " + "; ".join(f"{k} = {v if isinstance(v, list) else v.model_dump()}" for k, v in spec.space.items()))
+    print(f"  seeds: {spec.seeds}   objectives: " + ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives))
+    if spec.sampler in ("grid", "ofat"):
+        trials = expand_trials(spec)
+        print(f"  {len(trials)} trials ({len(trials) // len(spec.seeds)} points × {len(spec.seeds)} seeds):")
+        for t in trials[:50]:
+            point = ", ".join(f"{k}={v}" for k, v in t.point.items())
+            print(f"    #{t.index:<4} seed {t.seed}  {point}  [{t.config_hash}]")
+        if len(trials) > 50:
+            print(f"    … and {len(trials) - 50} more")
+    else:
+        print(f"  {spec.n_trials} trials drawn by {spec.sampler}, each the mean over {len(spec.seeds)} seed(s)"
+              + (f", pruner {spec.pruner}" if spec.pruner != "none" else ""))
+    return 0
+
+
 def _cmd_ui(args) -> int:
     import os
 
@@ -149,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover
         pass
     try:
-        commands = {"prepare": _cmd_prepare, "train": _cmd_train, "evaluate": _cmd_evaluate, "ui": _cmd_ui}
+        commands = {"prepare": _cmd_prepare, "train": _cmd_train, "evaluate": _cmd_evaluate, "plan": _cmd_plan,
+                    "ui": _cmd_ui}
         return commands[args.command](args)
     except (*errors, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

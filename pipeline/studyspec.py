@@ -1,0 +1,254 @@
+"""Study files: YAML → a validated study specification, and grid/OFAT designs → logical trials.
+
+A study file holds only what differs from the run defaults (DESIGN.md §2). Everything is checked at
+load time, before anything runs: unknown keys name themselves and the allowed keys, every value of
+every factor is validated as a full run config (so a likelihood or schedule outside its registry is
+named with the allowed values), and objective metrics must be ones the pipeline records.
+
+Trials of fixed designs (grid, ofat) are enumerated here with a stable index; each (config, seed) is
+a trial of its own. Searches (tpe, random, nsga2) draw configs from the space; each trial's objective
+is then the mean over the listed seeds. No Optuna here: the runner maps this onto it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.config import ConfigError, RunConfig, build_config
+
+SAMPLERS = ("grid", "ofat", "tpe", "random", "nsga2")
+FIXED_DESIGNS = ("grid", "ofat")
+PRUNERS = ("none", "median", "hyperband")
+
+# Metrics a study may optimise or rank by: what training and evaluation record for every run.
+OBJECTIVE_METRICS = (
+    "val/elbo", "val/recon_nll", "val/kl",
+    "test/elbo", "test/recon_nll", "test/recon_nll_mean_z", "test/kl", "test/iwae_nll", "test/bits_per_dim",
+    "test/kl_dim_max", "test/collapsed_dims", "test/active_units", "test/mutual_info", "test/z_usage_gap",
+    "test/fd_classifier", "test/recon_fd_classifier", "test/recon_class_acc",
+    *(f"test/sharpness/{w}_{m}{r}" for w in ("recon", "samples") for m in ("laplacian", "tenengrad", "hf_energy")
+      for r in ("", "_ratio")),
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Range(_Strict):
+    """A numeric interval for searches: floats, or ints when `step` is an int (e.g. decoder depth)."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return self.step is not None and float(self.step).is_integer() and float(self.low).is_integer()
+
+
+class Objective(_Strict):
+    metric: str
+    direction: Literal["minimize", "maximize"]
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in OBJECTIVE_METRICS:
+            raise ValueError(f"objective metric {v!r} is not recorded by the pipeline; allowed: {', '.join(OBJECTIVE_METRICS)}")
+        return v
+
+
+class StudySpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    dataset: str = "fashion-mnist"
+    base: dict[str, Any] = {}
+    sampler: Literal["grid", "ofat", "tpe", "random", "nsga2"] = "grid"
+    space: dict[str, list[Any] | Range]
+    baseline: dict[str, Any] = {}
+    seeds: list[int] = Field(default=[0], min_length=1)
+    objectives: list[Objective] = Field(min_length=1)
+    n_trials: int | None = Field(None, ge=1)
+    pruner: Literal["none", "median", "hyperband"] = "none"
+
+    @model_validator(mode="after")
+    def _design_rules(self) -> StudySpec:
+        if not self.space:
+            raise ValueError("space: name at least one factor")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} has repeats")
+        fixed = self.sampler in FIXED_DESIGNS
+        for key, levels in self.space.items():
+            if isinstance(levels, list) and not levels:
+                raise ValueError(f"space.{key}: give at least one level")
+            if fixed and isinstance(levels, Range):
+                raise ValueError(f"space.{key}: sampler {self.sampler} needs a list of levels, not a range")
+        if fixed and self.n_trials is not None:
+            raise ValueError(f"n_trials: sampler {self.sampler} runs every point of its design; remove n_trials")
+        if not fixed and self.n_trials is None:
+            raise ValueError(f"n_trials: sampler {self.sampler} needs the number of trials to run")
+        if self.pruner != "none" and (fixed or self.sampler == "nsga2"):
+            why = "grid and ofat run every point to the end" if fixed else "multi-objective trials cannot be pruned"
+            raise ValueError(f"pruner: {self.pruner} is not allowed with sampler {self.sampler} ({why})")
+        if self.sampler == "nsga2" and len(self.objectives) < 2:
+            raise ValueError("objectives: nsga2 is multi-objective; give at least two")
+        if self.sampler in ("tpe", "random") and len(self.objectives) != 1:
+            raise ValueError(f"objectives: sampler {self.sampler} optimises one objective; use nsga2 for several")
+        if self.sampler == "ofat":
+            missing = [k for k in self.space if k not in self.baseline]
+            extra = [k for k in self.baseline if k not in self.space]
+            if missing or extra:
+                raise ValueError(
+                    "baseline: ofat needs exactly one baseline value per factor"
+                    + (f"; missing {missing}" if missing else "") + (f"; not factors {extra}" if extra else "")
+                )
+        elif self.baseline and self.sampler != "grid":
+            raise ValueError(f"baseline: only used by ofat and grid (as the reference config), not {self.sampler}")
+        return self
+
+    @property
+    def factors(self) -> list[str]:
+        return list(self.space)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One logical trial of a fixed design: a point of the design and a seed."""
+
+    index: int
+    point: dict[str, Any]  # factor → level
+    seed: int
+    overrides: dict[str, Any]  # everything applied onto the run defaults, seed included
+
+    def config(self) -> RunConfig:
+        return build_config({}, self.overrides)
+
+    @property
+    def config_hash(self) -> str:
+        return self.config().result_hash()
+
+
+def _normalize_keys(d: dict[str, Any]) -> dict[str, Any]:
+    # `likelihood: bernoulli` is shorthand for likelihood.name, as in run configs.
+    return {("likelihood.name" if k == "likelihood" else k): v for k, v in d.items()}
+
+
+def _check_config(overrides: dict[str, Any], where: str) -> None:
+    try:
+        build_config({}, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {str(e).removeprefix('invalid config:').strip()}") from None
+
+
+def _format(err: ValidationError, path: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            model: type[BaseModel] = StudySpec
+            parts = [str(p) for p in e["loc"]]
+            if parts[0] == "objectives":
+                model = Objective
+            elif parts[0] == "space":
+                model = Range
+            allowed = ", ".join(sorted(model.model_fields))
+            lines.append(f"unknown key {loc!r}; allowed keys: {allowed}")
+        elif e["type"] == "literal_error":
+            lines.append(f"{loc}={e.get('input')!r} is not one of: {e.get('ctx', {}).get('expected', '')}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if loc else msg)
+    return f"{path}: invalid study:\n  " + "\n  ".join(lines)
+
+
+def parse_study(data: dict[str, Any], path: str = "<study>") -> StudySpec:
+    """Validate a study mapping completely, including every level as a run config."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a study file is a mapping (name, sampler, space, …), got {type(data).__name__}")
+    data = dict(data)
+    for key in ("base", "space", "baseline"):
+        if isinstance(data.get(key), dict):
+            data[key] = _normalize_keys(data[key])
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e, path)) from None
+
+    base = {"data.dataset": spec.dataset, "tracking.experiment": spec.name, **spec.base}
+    _check_config(base, f"{path}: base")
+    for key, levels in spec.space.items():
+        if key in ("train.seed", "tracking.experiment") or key.startswith("tracking."):
+            raise ConfigError(f"{path}: space.{key}: seeds go in `seeds`, tracking is set by the study")
+        values = levels if isinstance(levels, list) else [levels.low, levels.high]
+        if isinstance(levels, Range) and levels.is_int:
+            values = [int(levels.low), int(levels.high)]
+        for v in values:
+            _check_config({**base, key: v}, f"{path}: space.{key}={v!r}")
+    for key, v in spec.baseline.items():
+        _check_config({**base, key: v}, f"{path}: baseline.{key}={v!r}")
+    return spec
+
+
+def load_study(path: str | Path) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {str(path)!r} does not exist (shipped studies are in studies/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_study(data, str(path))
+
+
+def base_overrides(spec: StudySpec) -> dict[str, Any]:
+    return {"data.dataset": spec.dataset, "tracking.experiment": spec.name, **spec.base}
+
+
+def design_points(spec: StudySpec) -> list[dict[str, Any]]:
+    """The points of a fixed design, in a stable order."""
+    if spec.sampler == "grid":
+        keys = spec.factors
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(spec.space[k] for k in keys))]
+    if spec.sampler == "ofat":
+        # The baseline, then each factor moved alone through its other levels (the classic ablation).
+        points = [dict(spec.baseline)]
+        for key in spec.factors:
+            for level in spec.space[key]:
+                if level != spec.baseline[key]:
+                    points.append({**spec.baseline, key: level})
+        return points
+    raise ValueError(f"sampler {spec.sampler} has no fixed design; it draws points from the space")
+
+
+def expand_trials(spec: StudySpec) -> list[TrialSpec]:
+    """Every logical trial of a fixed design: each point × each seed, indexed stably."""
+    trials = []
+    for point in design_points(spec):
+        for seed in spec.seeds:
+            overrides = {**base_overrides(spec), **point, "train.seed": seed}
+            trials.append(TrialSpec(len(trials), point, seed, overrides))
+    return trials
+
+
+def point_key(point: dict[str, Any]) -> str:
+    """A short stable id for a design point (independent of the seed)."""
+    blob = json.dumps(point, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]

@@ -1,0 +1,137 @@
+"""Study files: validation before anything runs, and the trials fixed designs expand to."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.likelihoods import LIKELIHOODS
+from pipeline.studyspec import design_points, expand_trials, load_study, parse_study
+
+from .conftest import REPO
+
+SHIPPED = sorted((REPO / "studies").glob("*.yaml"))
+MINIMAL = {
+    "name": "t",
+    "sampler": "grid",
+    "space": {"objective.beta": [1, 4]},
+    "objectives": [{"metric": "test/iwae_nll", "direction": "minimize"}],
+}
+
+
+def _with(**changes):
+    return {**MINIMAL, **changes}
+
+
+def test_the_issue_s_studies_are_shipped():
+    names = {p.stem for p in SHIPPED}
+    assert {"demo", "beta", "annealing", "free_bits", "decoder_depth", "likelihood", "full_factorial",
+            "search_tpe", "pareto"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_study_validates(path):
+    spec = load_study(path)
+    assert spec.name == path.stem
+    if spec.sampler in ("grid", "ofat"):
+        trials = expand_trials(spec)
+        assert len({t.config_hash for t in trials}) == len(trials)  # every trial is a distinct run
+    if path.stem not in ("demo", "search_tpe", "pareto"):
+        assert len(spec.seeds) >= 3
+
+
+def test_unknown_top_level_key_names_itself_and_the_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        parse_study(_with(seed=[0, 1]))
+    assert "'seed'" in str(e.value) and "seeds" in str(e.value) and "objectives" in str(e.value)
+
+
+def test_mistyped_config_key_in_space_names_the_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        parse_study(_with(space={"objective.bta": [1, 2]}))
+    msg = str(e.value)
+    assert "objective.bta" in msg and "beta" in msg and "free_bits" in msg
+
+
+def test_level_outside_a_registry_lists_the_registry():
+    with pytest.raises(ConfigError) as e:
+        parse_study(_with(space={"likelihood": ["bernoulli", "gausian"]}))
+    msg = str(e.value)
+    assert "gausian" in msg and all(name in msg for name in LIKELIHOODS)
+
+
+def test_bad_base_value_is_named():
+    with pytest.raises(ConfigError, match="model.decoder_depth"):
+        parse_study(_with(base={"model.decoder_depth": 9}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"sampler": "grd"}, "grid"),
+        ({"space": {"objective.beta": {"low": 0.1, "high": 4}}}, "needs a list of levels"),
+        ({"pruner": "median"}, "not allowed with sampler grid"),
+        ({"sampler": "tpe"}, "n_trials"),
+        ({"n_trials": 5}, "remove n_trials"),
+        ({"sampler": "nsga2", "n_trials": 5}, "at least two"),
+        ({"sampler": "ofat"}, "baseline"),
+        ({"objectives": [{"metric": "test/iwae", "direction": "minimize"}]}, "test/iwae_nll"),
+        ({"objectives": [{"metric": "test/iwae_nll", "direction": "min"}]}, "maximize"),
+        ({"seeds": [0, 0]}, "repeats"),
+        ({"space": {"train.seed": [0, 1]}}, "seeds go in `seeds`"),
+        ({"space": {"objective.beta": {"low": 1, "high": 0.5}}, "sampler": "random", "n_trials": 3}, "below high"),
+    ],
+)
+def test_design_rules_are_explained(changes, needle):
+    with pytest.raises(ConfigError, match=needle):
+        parse_study(_with(**changes))
+
+
+def test_not_a_mapping_or_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_study(["a"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_study(tmp_path / "nope.yaml")
+
+
+def test_grid_is_the_full_factorial_times_seeds_with_stable_indices():
+    spec = parse_study(_with(space={"objective.beta": [1, 4, 16], "likelihood": ["bernoulli", "laplace"]}, seeds=[0, 1]))
+    trials = expand_trials(spec)
+    assert len(trials) == 3 * 2 * 2 and [t.index for t in trials] == list(range(12))
+    assert trials == expand_trials(spec)  # stable
+    first = trials[0]
+    assert first.point == {"objective.beta": 1, "likelihood.name": "bernoulli"} and first.seed == 0
+    cfg = first.config()
+    assert cfg.objective.beta == 1 and cfg.train.seed == 0 and cfg.tracking.experiment == "t"
+    assert trials[1].seed == 1 and trials[1].point == first.point
+
+
+def test_ofat_moves_one_factor_at_a_time_around_the_baseline():
+    spec = parse_study(_with(
+        sampler="ofat",
+        space={"objective.beta": [0.5, 1, 4], "model.decoder_depth": [1, 3]},
+        baseline={"objective.beta": 1, "model.decoder_depth": 1},
+    ))
+    points = design_points(spec)
+    assert points == [
+        {"objective.beta": 1, "model.decoder_depth": 1},
+        {"objective.beta": 0.5, "model.decoder_depth": 1},
+        {"objective.beta": 4, "model.decoder_depth": 1},
+        {"objective.beta": 1, "model.decoder_depth": 3},
+    ]
+
+
+def test_plan_cli_lists_trials_and_rejects_a_bad_study(tmp_path):
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(REPO / "studies" / "demo.yaml")],
+                        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert ok.returncode == 0 and "4 trials" in ok.stdout and "#3" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsampler: grid\nspace: {model.latnt_dim: [4]}\n"
+                   "objectives: [{metric: test/iwae_nll, direction: minimize}]\n")
+    err = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(bad)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert err.returncode == 2 and "model.latnt_dim" in err.stderr and "latent_dim" in err.stderr
+    assert "Traceback" not in err.stderr
