@@ -15,6 +15,7 @@ PORT ?= 5000
 RUN ?=
 CHECKPOINT ?=
 STUDY ?= studies/demo.yaml
+N ?= 2
 
 # As root on Debian with the data missing, install the package that ships the raw IDX files.
 DEBIAN_DATA = if [ "$(DATASET)" = fashion-mnist ] && [ ! -e $(DEBIAN_FMNIST) ] && [ "$$(id -u)" = 0 ] \
@@ -22,10 +23,10 @@ DEBIAN_DATA = if [ "$(DATASET)" = fashion-mnist ] && [ ! -e $(DEBIAN_FMNIST) ] &
 	echo "[setup] installing Debian package dataset-fashion-mnist"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
 
-.PHONY: help setup data train evaluate plan demo test bench ui lint clean
+.PHONY: help setup data train evaluate plan study resume status workers dashboard demo test bench ui lint clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,13 +53,30 @@ evaluate: setup ## evaluate a trained run: make evaluate RUN=<mlflow run id> (or
 plan: $(STAMP) ## validate a study and list its trials without running them: make plan STUDY=studies/beta.yaml
 	$(PY) -m pipeline plan $(STUDY)
 
-demo: setup ## set up, prepare, train and evaluate the demo config on CPU (a few minutes), then say where to look
-	$(PY) -m pipeline train --config configs/demo.yaml --set train.device=cpu $(foreach s,$(SET),--set $(s))
+study: setup ## run a study, or resume it after a crash with the same command: make study STUDY=studies/beta.yaml
+	$(PY) -m pipeline study $(STUDY)
+
+resume: study ## alias of make study: continue a killed study, losing nothing finished
+
+status: $(STAMP) ## the trial table of a study: make status STUDY=studies/beta.yaml
+	$(PY) -m pipeline status $(STUDY)
+
+workers: setup ## N worker processes on one study (one per GPU if several): make workers STUDY=… N=4
+	$(PY) -m pipeline workers $(STUDY) -n $(N)
+
+dashboard: $(STAMP) ## optuna-dashboard for a study on 127.0.0.1:8080: make dashboard STUDY=…
+	$(PY) -m pipeline dashboard $(STUDY)
+
+demo: setup ## set up, then run the demo study (β × likelihood grid, train + evaluate each) on CPU in a few minutes
+	$(PY) -m pipeline study studies/demo.yaml
 	@echo
-	@echo "Demo done: trained, then evaluated on the test set (likelihood, collapse, sharpness)."
-	@echo "  make ui      # then open http://127.0.0.1:$(PORT), experiment 'demo': per-step losses,"
-	@echo "               # test/* metrics, and images under Artifacts (images/, eval/)"
-	@echo "Run directory (checkpoint, metrics.json, eval/ images): runs/demo/"
+	$(PY) -m pipeline status studies/demo.yaml
+	@echo
+	@echo "Demo done: 4 trainings, each evaluated on the test set (likelihood, collapse, sharpness)."
+	@echo "  make ui                                # http://127.0.0.1:$(PORT), experiment 'demo': the study run,"
+	@echo "                                         # a child run per trial with per-step losses, test/* metrics, images"
+	@echo "  make dashboard STUDY=studies/demo.yaml  # http://127.0.0.1:8080, the Optuna view of the same study"
+	@echo "Killed midway? Run make demo again: finished trials are kept, the interrupted one resumes."
 
 test: setup ## set up and run the test suite (CPU, a few minutes)
 	$(PY) -m pytest -q

@@ -51,6 +51,25 @@ def _add_plan(sub) -> None:
     p.add_argument("study", help="a study YAML, e.g. studies/beta.yaml")
 
 
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="run or resume a study (grid/ofat): the same command continues a killed study")
+    p.add_argument("study", help="a study YAML, e.g. studies/demo.yaml")
+    p.add_argument("--storage", help="Optuna storage URL or journal file (default runs/<study>/optuna.journal)")
+    p.add_argument("--max-trials", type=int, help="stop after this many trials (this worker)")
+    s = sub.add_parser("status", help="the trial table of a study: state, point, objectives, duration")
+    s.add_argument("study")
+    s.add_argument("--storage")
+    w = sub.add_parser("workers", help="run N worker processes on one study (one per GPU when several are visible)")
+    w.add_argument("study")
+    w.add_argument("-n", "--workers", type=int, default=2)
+    w.add_argument("--per-gpu", type=int, default=1, help="workers per GPU when several GPUs are visible")
+    w.add_argument("--storage")
+    d = sub.add_parser("dashboard", help="serve optuna-dashboard for a study on 127.0.0.1")
+    d.add_argument("study")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--storage")
+
+
 def _add_ui(sub) -> None:
     p = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 against the project's tracking store")
     p.add_argument("--port", type=int, default=5000)
@@ -64,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_plan(sub)
+    _add_study(sub)
     _add_ui(sub)
     return parser
 
@@ -142,6 +162,66 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from pipeline.study import run_study
+    from pipeline.studyspec import load_study
+
+    spec = load_study(args.study)
+    progress = run_study(spec, args.storage, max_trials=args.max_trials)
+    print(f"[study] browse it: make ui (experiment {spec.name!r}); trial table: make status STUDY={args.study}")
+    return 0 if len(progress.done) + len(progress.running) == progress.total or args.max_trials else 1
+
+
+def _cmd_workers(args) -> int:
+    from pipeline.study import launch_workers
+    from pipeline.studyspec import load_study
+
+    load_study(args.study)  # validate once, before any worker starts
+    failed = launch_workers(args.study, args.workers, args.storage, args.per_gpu)
+    print(f"[workers] {args.workers - failed}/{args.workers} workers ended cleanly; make status STUDY={args.study}")
+    return 1 if failed else 0
+
+
+def _cmd_dashboard(args) -> int:
+    import os
+    import shutil
+
+    from pipeline.study import study_dir
+    from pipeline.studyspec import load_study
+
+    spec = load_study(args.study)
+    storage = args.storage or str(study_dir(spec) / "optuna.journal")
+    exe = shutil.which("optuna-dashboard") or os.path.join(os.path.dirname(sys.executable), "optuna-dashboard")
+    print(f"[dashboard] http://127.0.0.1:{args.port}  (storage: {storage})", flush=True)
+    os.execv(exe, [exe, storage, "--host", "127.0.0.1", "--port", str(args.port), "--server", "wsgiref"])
+    return 0  # not reached
+
+
+def _cmd_status(args) -> int:
+    from pipeline.study import status_rows
+    from pipeline.studyspec import load_study
+
+    rows = status_rows(load_study(args.study), args.storage)
+    if not rows:
+        print("no trials yet")
+        return 0
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    return 0
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
 def _cmd_ui(args) -> int:
     import os
 
@@ -175,9 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         errors += (TrackingError,)
     except ImportError:  # pragma: no cover
         pass
+    if args.command in ("study", "status", "workers", "dashboard"):
+        from pipeline.study import StudyError
+
+        errors += (StudyError,)
     try:
         commands = {"prepare": _cmd_prepare, "train": _cmd_train, "evaluate": _cmd_evaluate, "plan": _cmd_plan,
-                    "ui": _cmd_ui}
+                    "study": _cmd_study, "status": _cmd_status, "workers": _cmd_workers,
+                    "dashboard": _cmd_dashboard, "ui": _cmd_ui}
         return commands[args.command](args)
     except (*errors, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
