@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data import DeviceData, Splits, processed_dir
+from pipeline.fileio import atomic_torch_save, atomic_write_json
 
 CLASSIFIER_FILE = "classifier.pt"
 CLASSIFIER_INFO = "classifier.json"
@@ -90,8 +91,6 @@ def classifier_dir(data_cfg) -> Path:
 
 def ensure_classifier(data_cfg, splits: Splits, device: torch.device, log=print) -> tuple[FeatureClassifier, dict]:
     """Load the split's cached classifier, training it first if there is none (or the split changed)."""
-    from pipeline.train import atomic_torch_save, atomic_write_json
-
     d = classifier_dir(data_cfg)
     path, info_path = d / CLASSIFIER_FILE, d / CLASSIFIER_INFO
     info = None

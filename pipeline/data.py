@@ -11,10 +11,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import socket
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import paths
+from pipeline.fileio import atomic_write_bytes
 
 SPLIT_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -170,19 +169,6 @@ def _verify(spec: DatasetSpec, source: Path, blobs: dict[str, bytes]) -> dict[st
     return actual
 
 
-def _atomic_write_bytes(path: Path, blob: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     import io
 
@@ -266,8 +252,8 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     # The manifest is written last: its presence (with a matching digest) marks a complete cache.
     (out / "manifest.json").unlink(missing_ok=True)
-    _atomic_write_bytes(out / "splits.pt", blob)
-    _atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "splits.pt", blob)
+    atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     c = manifest["counts"]
     log(f"[prepare] {dataset}: {c['train']} train / {c['val']} val / {c['test']} test from {source} → {out}")
     return out

@@ -17,10 +17,11 @@ import torch
 from pipeline import metrics as M
 from pipeline.config import RunConfig, build_config
 from pipeline.data import DeviceData, ensure_splits
+from pipeline.fileio import atomic_write_json
 from pipeline.images import pairs, save_grid
 from pipeline.likelihoods import LikelihoodOptions, get_likelihood
 from pipeline.models import N_PIXELS, build_model
-from pipeline.train import CHECKPOINT, atomic_write_json, load_checkpoint, resolve_device
+from pipeline.train import CHECKPOINT, load_checkpoint, resolve_device
 
 METRICS_FILE = "metrics.json"
 

@@ -31,8 +31,9 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from pipeline import paths
+from pipeline.fileio import atomic_write_json
 from pipeline.studyspec import StudySpec, TrialSpec, expand_trials, point_key
-from pipeline.train import atomic_write_json, train_stage
+from pipeline.train import train_stage
 
 HEARTBEAT_EVERY_S = 5.0
 STALE_AFTER_S = 60.0

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import subprocess
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +24,7 @@ from tqdm.auto import tqdm
 from pipeline import paths
 from pipeline.config import RunConfig
 from pipeline.data import DeviceData, Splits, ensure_splits
+from pipeline.fileio import atomic_torch_save, atomic_write_json
 from pipeline.images import pairs, save_grid
 from pipeline.likelihoods import LikelihoodOptions, get_likelihood
 from pipeline.models import VAE, build_model
@@ -106,32 +105,6 @@ def _seed_all(seed: int) -> None:
 def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     # A pure function of (seed, epoch): the shuffle needs no state to resume.
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over: a crash leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:

@@ -12,7 +12,8 @@ import torch
 
 from pipeline.config import build_config
 from pipeline.evaluate import METRICS_FILE, evaluate_stage
-from pipeline.train import CHECKPOINT, atomic_torch_save, load_checkpoint, train_stage
+from pipeline.fileio import atomic_torch_save
+from pipeline.train import CHECKPOINT, load_checkpoint, train_stage
 
 from .conftest import subprocess_env
 

@@ -1,0 +1,44 @@
+"""Crash-safe file writes: temp file in the same directory, fsync, rename over the target.
+
+A crash at any moment leaves either the old file or the new one, never a torn one. Every
+checkpoint, manifest, cache and result file of the pipeline goes through `atomic_write`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call `write(f)` on a temp file next to `path`, then atomically replace `path` with it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, blob: bytes) -> None:
+    atomic_write(path, lambda f: f.write(blob))
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
