@@ -287,6 +287,11 @@ class MlflowRun:
             status, tags = "FAILED", {**(tags or {}), "failure_reason": "tracking_error"}
         if tags:
             self.set_tags(tags)
+        if status == "FINISHED":
+            # A resumed run that finishes is no longer failed: drop what an earlier attempt recorded.
+            stale = {"failure_reason", "diverged_at_step"} & set(self.client.get_run(self.run_id).data.tags)
+            for key in stale:
+                self.client.delete_tag(self.run_id, key)
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
         if lost_points:
             raise error

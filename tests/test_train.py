@@ -134,7 +134,9 @@ def test_resume_after_a_mid_epoch_crash_is_bitwise_exact_with_no_duplicate_point
         assert [s for s, _ in _history(resumed.run_id, key)] == [8, 16]
     from pipeline.tracking import get_run
 
-    assert get_run(resumed.run_id).info.status == "FINISHED"
+    run = get_run(resumed.run_id)
+    assert run.info.status == "FINISHED"
+    assert "failure_reason" not in run.data.tags  # the crashed attempt's reason is gone once it finished
 
 
 def test_sigkill_then_the_same_command_resumes_into_the_same_run(home):
