@@ -37,7 +37,8 @@ from pipeline.train import train_stage
 
 HEARTBEAT_EVERY_S = 5.0
 STALE_AFTER_S = 60.0
-DONE_FAILURES = ("diverged",)  # failed trials that are results, not accidents: never rerun
+# Failed trials that are results, not accidents: rerunning cannot change them, so they count as done.
+DONE_FAILURES = ("diverged", "objective_missing")
 
 
 class StudyError(RuntimeError):

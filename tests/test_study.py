@@ -154,3 +154,21 @@ def test_a_diverged_trial_is_failed_with_its_reason_not_retried_and_the_study_go
     n = len(_optuna_trials(home, "nan"))
     run_study(spec, log=lambda *_: None)
     assert len(_optuna_trials(home, "nan")) == n  # not retried
+
+
+def test_an_objective_the_run_cannot_produce_fails_once_and_is_not_retried(home):
+    from pipeline.study import run_study
+    from pipeline.studyspec import load_study
+
+    path = home / "nobpd.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "nobpd", "sampler": "grid", "base": TINY_BASE, "space": {"objective.beta": [1]},
+        # Bernoulli on grey levels has no bits/dim (not a likelihood of 8-bit data).
+        "objectives": [{"metric": "test/bits_per_dim", "direction": "minimize"}],
+    }))
+    spec = load_study(path)
+    assert run_study(spec, log=lambda *_: None).failed == {0: "objective_missing"}
+    n = len(_optuna_trials(home, "nobpd"))
+    messages = []
+    run_study(spec, log=messages.append)
+    assert "complete" in messages[0] and len(_optuna_trials(home, "nobpd")) == n
