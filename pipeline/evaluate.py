@@ -190,7 +190,7 @@ def _kl_bar_chart(kl_vec: torch.Tensor, path: Path) -> Path:
 
 def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = None, *, k: int | None = None,
                    batch_size: int = 500, mi_batch: int = 1000, n_samples: int = 10_000, test_subset: int | None = None,
-                   device: str = "auto", log=print, sink=None) -> dict:
+                   device: str = "auto", log=print, sink=None, splits=None) -> dict:
     """Evaluate a checkpoint (or the checkpoint of an MLflow run) and record the results."""
     if checkpoint is None:
         if run_id is None:
@@ -213,7 +213,7 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     model = build_model(cfg.model, lik.params_per_pixel).to(dev)
     model.load_state_dict(ck["model"])
 
-    splits = ensure_splits(cfg.data, log=log)
+    splits = splits or ensure_splits(cfg.data, log=log)  # the train stage passes the splits it has loaded
     test_x = splits.test_x[:test_subset] if test_subset else splits.test_x
     # Binarized models are scored on one fixed binarization of the test set.
     test = DeviceData(test_x, dev, "static" if cfg.data.binarize != "none" else "none", static_seed=cfg.data.split_seed + 2)
