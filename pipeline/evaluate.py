@@ -37,7 +37,7 @@ def _chunk_for(k: int, batch: int, budget: int = 20_000) -> int:
 
 @torch.no_grad()
 def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Tensor, *, k: int, batch_size: int,
-                   mi_batch: int, n_samples: int, seed: int, out_dir: Path | None = None, log=print,
+                   mi_batch: int, n_samples: int, seed: int, out_dir: Path | None = None,
                    sigma_star: float | None = None, classifier=None, test_labels: torch.Tensor | None = None) -> dict:
     """All test diagnostics of one model, as {"test/…": float} plus the KL vector and artifacts."""
     model.eval()
@@ -223,7 +223,7 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     classifier, classifier_info = ensure_classifier(cfg.data, splits, dev, log=log)
     log(f"[evaluate] {checkpoint}: {test.n} test images, IWAE k={k} on {dev}")
     result = evaluate_model(model, cfg, test, test_x.float() / 255, k=k, batch_size=batch_size, mi_batch=mi_batch,
-                            n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval", log=log,
+                            n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval",
                             sigma_star=ck.get("sigma_star"), classifier=classifier,
                             test_labels=splits.test_y[: test.n])
     result["params"]["classifier_test_accuracy"] = classifier_info["test_accuracy"]

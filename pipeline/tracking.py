@@ -1,9 +1,10 @@
 """MLflow, and nothing else imports it: runs, buffered background metric logging, artifacts.
 
 Per-step metrics arrive in blocks (the trainer buffers them on the device) and are written by a
-background process with ``log_batch``, so the training loop never waits on the store. A SIGKILL
-loses what is still queued (the writer dies with its trainer); on resume the trainer recomputes those steps and ``last_steps`` tells
-it which points the store already holds, so no (metric, step) is ever written twice.
+background process with ``log_batch``, so the training loop never waits on the store. The trainer
+flushes before each checkpoint; a SIGKILL loses only points after it (the writer dies with its
+trainer), which a resume recomputes, and ``last_steps`` tells it which points the store already
+holds, so no (metric, step) is ever written twice.
 """
 
 from __future__ import annotations
@@ -230,11 +231,6 @@ class MlflowRun:
             self.set_tags(tags)
         self._writer = _writer_for(tracking_uri())
 
-    @property
-    def url_hint(self) -> str:
-        run = self.client.get_run(self.run_id)
-        return f"experiment {run.info.experiment_id}, run {self.run_id}"
-
     def log_params(self, params: dict) -> None:
         existing = self.client.get_run(self.run_id).data.params
         items = [Param(k, str(v)) for k, v in params.items() if k not in existing]
@@ -311,7 +307,6 @@ class NullRun:
 
     run_id = None
     resumed = False
-    url_hint = "tracking disabled"
 
     def log_params(self, params): ...
     def set_tags(self, tags): ...
