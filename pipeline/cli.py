@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.errors import PipelineError
+
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
 
@@ -239,32 +241,12 @@ def _cmd_ui(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-
-    errors: tuple[type[BaseException], ...] = (ConfigError, DataError)
-    try:
-        from pipeline.train import RunDirError
-
-        errors += (RunDirError,)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from pipeline.tracking import TrackingError
-
-        errors += (TrackingError,)
-    except ImportError:  # pragma: no cover
-        pass
-    if args.command in ("study", "status", "workers", "dashboard"):
-        from pipeline.study import StudyError
-
-        errors += (StudyError,)
     try:
         commands = {"prepare": _cmd_prepare, "train": _cmd_train, "evaluate": _cmd_evaluate, "plan": _cmd_plan,
                     "study": _cmd_study, "status": _cmd_status, "workers": _cmd_workers,
                     "dashboard": _cmd_dashboard, "ui": _cmd_ui}
         return commands[args.command](args)
-    except (*errors, FileNotFoundError) as e:
+    except (PipelineError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -15,13 +15,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.errors import PipelineError
 from pipeline.likelihoods import LIKELIHOODS
 from pipeline.objectives import BETA_SCHEDULES, FREE_BITS_MODES
 
 DATASETS = ("fashion-mnist", "mnist")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A configuration problem, phrased for the person who typed it."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pipeline import paths
+from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_bytes
 
 SPLIT_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -52,7 +53,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(PipelineError, RuntimeError):
     """Missing or corrupt data, with what to do about it."""
 
 

@@ -31,6 +31,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from pipeline import paths
+from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_json
 from pipeline.studyspec import StudySpec, TrialSpec, expand_trials, point_key
 from pipeline.train import train_stage
@@ -41,7 +42,7 @@ STALE_AFTER_S = 60.0
 DONE_FAILURES = ("diverged", "objective_missing")
 
 
-class StudyError(RuntimeError):
+class StudyError(PipelineError, RuntimeError):
     """A study cannot be run as asked; the message says why and what to do."""
 
 

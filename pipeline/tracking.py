@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline import paths
+from pipeline.errors import PipelineError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -27,7 +28,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 
-class TrackingError(RuntimeError):
+class TrackingError(PipelineError, RuntimeError):
     """The tracking store cannot be used; the message names it (credentials masked) and what to do."""
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from pipeline import paths
 from pipeline.config import RunConfig
 from pipeline.data import DeviceData, Splits, ensure_splits
+from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_torch_save, atomic_write_json
 from pipeline.images import pairs, save_grid
 from pipeline.likelihoods import LikelihoodOptions, get_likelihood
@@ -55,7 +56,7 @@ class DivergedError(RuntimeError):
         self.step, self.epoch = step, epoch
 
 
-class RunDirError(RuntimeError):
+class RunDirError(PipelineError, RuntimeError):
     """The run directory's state conflicts with what was asked."""
 
 

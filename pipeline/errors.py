@@ -1,0 +1,8 @@
+"""The base of every error the pipeline explains to its user (the CLI prints these without a traceback).
+
+Kept free of heavy imports, so catching it does not import MLflow, Optuna or torch.
+"""
+
+
+class PipelineError(Exception):
+    """A problem with the user's input or environment, with a message saying what to do."""
