@@ -6,6 +6,12 @@ that is neither done nor held by a live worker, under a file lock, by enqueuing 
 asking for it. Optuna's GridSampler is not used: it counts failed points as visited and reruns a
 finished grid once more on resume.
 
+Searches (tpe, random, nsga2) number their logical trials 0 … n_trials−1 as they are drawn; one
+logical trial is one config trained under every listed seed, and its objective is the mean over the
+seeds (the sampler then models the config, not seed noise). A search trial whose worker died is
+retried at the same point (enqueued again), so its runs resume like a grid trial's. Pruners see the
+per-epoch val/elbo of searches only.
+
 A logical trial's identity on disk is its run directory (index + config hash). A trial whose worker
 died is marked FAIL (`failure_reason=worker_died`) and its index is claimed again; the new attempt
 finds the same run directory, so training resumes from the last checkpoint **into the same MLflow
@@ -22,8 +28,9 @@ import os
 import socket
 import threading
 import time
+import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -33,8 +40,8 @@ from optuna.trial import TrialState
 from pipeline import paths
 from pipeline.errors import PipelineError
 from pipeline.fileio import atomic_write_json
-from pipeline.studyspec import StudySpec, TrialSpec, expand_trials, point_key
-from pipeline.train import train_stage
+from pipeline.studyspec import FIXED_DESIGNS, Range, StudySpec, TrialSpec, base_overrides, expand_trials, point_key
+from pipeline.train import StopEarly, epoch_history, train_stage
 
 HEARTBEAT_EVERY_S = 5.0
 STALE_AFTER_S = 60.0
@@ -65,8 +72,9 @@ def open_storage(spec: StudySpec, storage: str | None):
 def open_study(spec: StudySpec, storage=None) -> optuna.Study:
     directions = [o.direction for o in spec.objectives]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Pruners are not stored with the study: every worker passes its own.
     study = optuna.create_study(study_name=spec.name, storage=storage or open_storage(spec, None),
-                                directions=directions, load_if_exists=True)
+                                directions=directions, load_if_exists=True, pruner=make_pruner(spec))
     stored = [d.name.lower() for d in study.directions]
     if stored != directions:
         raise StudyError(
@@ -135,6 +143,45 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# --- samplers and pruners ------------------------------------------------------------------------
+def make_sampler(spec: StudySpec, index: int) -> optuna.samplers.BaseSampler:
+    """The sampler that draws logical trial `index`, seeded by (study name, index).
+
+    Samplers keep no state of their own beyond the RNG (TPE and NSGA-II read the history from the
+    storage), so a fresh one per claim is exact: one worker replays a search exactly, and several
+    workers do not draw the same random start-up points.
+    """
+    seed = (zlib.crc32(spec.name.encode()) + index) % 2**31
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, spec.n_trials // 5)),
+                                          constant_liar=True)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=min(50, max(4, spec.n_trials // 4)))
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """Pruners judge the per-epoch `val/elbo` (see `run_trial`); never used by fixed designs."""
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=min(5, max(2, spec.n_trials // 5)), n_warmup_steps=1)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def _suggest(trial: optuna.Trial, key: str, levels: list | Range):
+    if isinstance(levels, list):
+        return trial.suggest_categorical(key, levels)
+    if levels.is_int:
+        return trial.suggest_int(key, int(levels.low), int(levels.high), step=int(levels.step), log=levels.log)
+    return trial.suggest_float(key, levels.low, levels.high, log=levels.log, step=levels.step)
+
+
+def trial_seeds(spec: StudySpec, index: int, point: dict) -> list[TrialSpec]:
+    """A search trial's runs: its point under each listed seed (the objective is their mean)."""
+    return [TrialSpec(index, point, seed, {**base_overrides(spec), **point, "train.seed": seed}) for seed in spec.seeds]
+
+
 # --- claiming trials -----------------------------------------------------------------------------
 @dataclass
 class Progress:
@@ -142,16 +189,22 @@ class Progress:
     done: set[int]
     running: set[int]
     failed: dict[int, str]
+    retry_params: dict[int, dict] = field(default_factory=dict)  # searches: the point a failed index was at
+    seen: set[int] = field(default_factory=set)  # every logical index any attempt has claimed
 
 
 def scan(study: optuna.Study, spec: StudySpec, total: int, reap: bool = True) -> Progress:
     """Which logical trials are done, running (live worker) or failed; dead workers' trials are reaped."""
-    done, running, failed = set(), set(), {}
+    done, running, failed, retry, seen = set(), set(), {}, {}, set()
     for t in study.get_trials(deepcopy=False):
         idx = t.user_attrs.get("trial_index")
         if idx is None:
             continue
+        seen.add(idx)
         reason = t.user_attrs.get("failure_reason")
+        params = t.params or t.system_attrs.get("fixed_params") or {}
+        if set(params) >= set(spec.space) and t.state != TrialState.COMPLETE:
+            retry[idx] = {k: params[k] for k in spec.space}
         if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             done.add(idx)
         elif t.state == TrialState.FAIL and reason in DONE_FAILURES:
@@ -168,30 +221,51 @@ def scan(study: optuna.Study, spec: StudySpec, total: int, reap: bool = True) ->
             # Enqueued by a worker that died before asking for it: retire it, its index stays open.
             study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "abandoned")
             study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-    return Progress(total, done, running - done, failed)
+    running -= done
+    retry = {i: p for i, p in retry.items() if i not in done and i not in running}
+    return Progress(total, done, running, failed, retry, seen)
 
 
-def claim(study: optuna.Study, spec: StudySpec, trials: list[TrialSpec],
-          skip: set[int] = frozenset()) -> tuple[optuna.Trial, TrialSpec] | None:
-    """Atomically (on this machine) take the first open logical trial; None when none is left.
+def claim(study: optuna.Study, spec: StudySpec, trials: list[TrialSpec] | None,
+          skip: set[int] = frozenset()) -> tuple[optuna.Trial, list[TrialSpec]] | None:
+    """Atomically (on this machine) take the next open logical trial; None when none is left.
 
+    Fixed designs (`trials` given): the first index neither done nor held by a live worker. Searches:
+    first an index whose attempt failed (its point enqueued again, so its run directories and MLflow
+    runs are resumed), else a new index drawn by the sampler while fewer than `n_trials` exist.
     `skip`: indices this worker already attempted in this session (an error is not retried in a loop).
     """
     with _locked(study_dir(spec) / "claim.lock"):
-        progress = scan(study, spec, len(trials))
-        for ts in trials:
-            if ts.index in progress.done or ts.index in progress.running or ts.index in skip:
-                continue
-            params = {**ts.point, "seed": ts.seed}
-            study.enqueue_trial(params, user_attrs={"trial_index": ts.index, "config_hash": ts.config_hash,
-                                                    "seed": ts.seed})
-            trial = study.ask()
-            Heartbeat(_heartbeat_path(spec, trial.number))  # writes the file: claimed before the lock is released
-            for key in ts.point:  # records the enqueued levels as the trial's params (dashboard, status)
-                trial.suggest_categorical(key, _choices(spec, key))
-            trial.suggest_categorical("seed", spec.seeds)
-            return trial, ts
-    return None
+        total = len(trials) if trials is not None else spec.n_trials
+        progress = scan(study, spec, total)
+        if trials is not None:
+            for ts in trials:
+                if ts.index in progress.done or ts.index in progress.running or ts.index in skip:
+                    continue
+                study.enqueue_trial({**ts.point, "seed": ts.seed},
+                                    user_attrs={"trial_index": ts.index, "config_hash": ts.config_hash, "seed": ts.seed})
+                trial = study.ask()
+                Heartbeat(_heartbeat_path(spec, trial.number))  # written now: claimed before the lock is released
+                for key in ts.point:  # records the enqueued levels as the trial's params (dashboard, status)
+                    trial.suggest_categorical(key, _choices(spec, key))
+                trial.suggest_categorical("seed", spec.seeds)
+                return trial, [ts]
+            return None
+        open_failed = sorted(i for i in progress.seen - progress.done - progress.running - set(skip) if i < total)
+        if open_failed:
+            index = open_failed[0]
+            if index in progress.retry_params:
+                study.enqueue_trial(progress.retry_params[index], user_attrs={"trial_index": index})
+        elif len(progress.seen) < total:
+            index = len(progress.seen)
+        else:
+            return None
+        study.sampler = make_sampler(spec, index)
+        trial = study.ask()
+        trial.set_user_attr("trial_index", index)
+        Heartbeat(_heartbeat_path(spec, trial.number))
+        point = {key: _suggest(trial, key, levels) for key, levels in spec.space.items()}
+        return trial, trial_seeds(spec, index, point)
 
 
 def _choices(spec: StudySpec, key: str) -> list:
@@ -212,76 +286,135 @@ def _parent_run(spec: StudySpec, trials_total: int) -> str | None:
 
         run = MlflowRun(spec.name, run_name=f"study {spec.name}", tags={"study": spec.name, "role": "study"})
         run.log_params({"study.sampler": spec.sampler, "study.trials": trials_total, "study.seeds": spec.seeds,
-                        "study.factors": ", ".join(spec.factors),
+                        "study.factors": ", ".join(spec.factors), "study.pruner": spec.pruner,
                         "study.objectives": ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives)})
         atomic_write_json({"run_id": run.run_id}, info_path)
         return run.run_id
 
 
-def run_trial(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, ts: TrialSpec, parent_run_id: str | None,
-              log=print) -> str:
-    """Train and evaluate one logical trial; tell Optuna how it ended. Returns the outcome."""
-    cfg = ts.config()
-    run_dir = study_dir(spec) / "trials" / f"{ts.index:04d}-{cfg.result_hash()}"
+def trial_run_dir(spec: StudySpec, ts: TrialSpec) -> Path:
+    """A run's identity on disk: fixed designs index (config, seed) pairs; searches index configs,
+    so the seed is part of the name."""
+    name = f"{ts.index:04d}-{ts.config_hash}"
+    if spec.sampler not in FIXED_DESIGNS:
+        name = f"{ts.index:04d}-seed{ts.seed}-{ts.config_hash}"
+    return study_dir(spec) / "trials" / name
+
+
+def _pruning_callback(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, seed_index: int, epochs: int):
+    """Report each epoch's val/elbo, oriented like the objective, and stop the run if the pruner says so.
+
+    The pruner compares trials at equal steps: step = seed position × epochs + epoch, so the
+    curves of a trial's seeds follow each other. ELBO is reported as is for a maximized objective
+    and negated (the NELBO) for a minimized one, since the pruner ranks by the study direction.
+    """
+    sign = 1.0 if spec.objectives[0].direction == "maximize" else -1.0
+
+    def on_epoch(row: dict) -> None:
+        value = row.get("val/elbo")
+        if value is None or not math.isfinite(value):
+            return
+        trial.report(sign * value, seed_index * epochs + int(row["epoch"]))
+        if trial.should_prune():
+            raise StopEarly(int(row["epoch"]), f"pruned by the {spec.pruner} pruner")
+
+    return on_epoch
+
+
+def run_trial(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, runs: list[TrialSpec],
+              parent_run_id: str | None, log=print) -> str:
+    """Train and evaluate one logical trial (one run per seed in searches); tell Optuna how it ended.
+
+    Returns the outcome: complete | pruned | diverged | objective_missing | error.
+    """
+    index, point = runs[0].index, runs[0].point
     heartbeat = Heartbeat(_heartbeat_path(spec, trial.number))
     heartbeat.start()
-    point = ", ".join(f"{k}={v}" for k, v in ts.point.items())
-    log(f"[study {spec.name}] trial #{ts.index} (seed {ts.seed}): {point}")
+    shown = ", ".join(f"{k}={_short(v)}" for k, v in point.items())
+    seeds = ", ".join(str(ts.seed) for ts in runs)
+    log(f"[study {spec.name}] trial #{index} (seed{'s' if len(runs) > 1 else ''} {seeds}): {shown}")
+    prune = spec.pruner != "none"
+    run_ids, per_seed = {}, []
     try:
-        result = train_stage(
-            cfg, run_dir, log=log, progress=False, parent_run_id=parent_run_id,
-            extra_tags={"study": spec.name, "trial": str(ts.index), "optuna_trial": str(trial.number),
-                        "seed": str(ts.seed), "point": point_key(ts.point)},
-        )
-        trial.set_user_attr("run_dir", str(run_dir))
-        if result.run_id:
-            trial.set_user_attr("mlflow_run_id", result.run_id)
-        if result.status == "diverged":
-            trial.set_user_attr("failure_reason", "diverged")
-            study.tell(trial, state=TrialState.FAIL)
-            return "diverged"
-        metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
-        values = [metrics.get(o.metric, math.nan) for o in spec.objectives]
-        if any(v is None or math.isnan(v) for v in values):
-            trial.set_user_attr("failure_reason", "objective_missing")
-            study.tell(trial, state=TrialState.FAIL)
-            return "objective_missing"
-        study.tell(trial, values)
+        for seed_index, ts in enumerate(runs):
+            cfg = ts.config()
+            run_dir = trial_run_dir(spec, ts)
+            on_epoch = _pruning_callback(study, spec, trial, seed_index, cfg.train.epochs) if prune else None
+            if on_epoch and (run_dir / "result.json").exists():
+                for row in epoch_history(run_dir):  # a finished seed of a resumed trial: the pruner sees it again
+                    on_epoch(row)
+            result = train_stage(
+                cfg, run_dir, log=log, progress=False, parent_run_id=parent_run_id, on_epoch=on_epoch,
+                extra_tags={"study": spec.name, "trial": str(index), "optuna_trial": str(trial.number),
+                            "seed": str(ts.seed), "point": point_key(point)},
+            )
+            if result.run_id:
+                run_ids[str(ts.seed)] = result.run_id
+                trial.set_user_attr("mlflow_run_ids", run_ids)
+                trial.set_user_attr("mlflow_run_id", run_ids[str(runs[0].seed)])
+            trial.set_user_attr("run_dirs", [str(trial_run_dir(spec, r)) for r in runs])
+            if result.status == "pruned":
+                raise StopEarly(result.epochs_done)
+            if result.status == "diverged":
+                trial.set_user_attr("failure_reason", "diverged")
+                trial.set_user_attr("diverged_seed", ts.seed)
+                study.tell(trial, state=TrialState.FAIL)
+                return "diverged"
+            metrics = dict(result.val or {})  # val/* from training, test/* from evaluation (when enabled)
+            if (run_dir / "metrics.json").exists():
+                metrics.update(json.loads((run_dir / "metrics.json").read_text())["metrics"])
+            values = [metrics.get(o.metric, math.nan) for o in spec.objectives]
+            if any(v is None or math.isnan(v) for v in values):
+                trial.set_user_attr("failure_reason", "objective_missing")
+                study.tell(trial, state=TrialState.FAIL)
+                return "objective_missing"
+            per_seed.append(values)
+        if len(runs) > 1:
+            trial.set_user_attr("values_by_seed", {str(ts.seed): v for ts, v in zip(runs, per_seed)})
+        study.tell(trial, [sum(col) / len(col) for col in zip(*per_seed)])
         return "complete"
+    except StopEarly as e:
+        log(f"[study {spec.name}] trial #{index} pruned after epoch {e.epoch}")
+        study.tell(trial, state=TrialState.PRUNED)
+        return "pruned"
     except Exception as e:  # the study goes on; the trial's MLflow run already says FAILED and why
         trial.set_user_attr("failure_reason", f"error: {type(e).__name__}: {e}"[:500])
         study.tell(trial, state=TrialState.FAIL)
-        log(f"[study {spec.name}] trial #{ts.index} failed: {type(e).__name__}: {e}")
+        log(f"[study {spec.name}] trial #{index} failed: {type(e).__name__}: {e}")
         return "error"
     finally:
         heartbeat.stop()
 
 
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials: int | None = None) -> Progress:
-    """Run (or resume) a fixed-design study until no open trial is left for this worker."""
-    if spec.sampler not in ("grid", "ofat"):
-        raise StudyError(f"sampler {spec.sampler}: running searches is not implemented yet; grid and ofat are")
-    trials = expand_trials(spec)
+    """Run (or resume) a study until no open trial is left for this worker."""
+    fixed = spec.sampler in FIXED_DESIGNS
+    trials = expand_trials(spec) if fixed else None
+    total = len(trials) if fixed else spec.n_trials
     study = open_study(spec, open_storage(spec, storage))
-    before = scan(study, spec, len(trials), reap=False)
-    if len(before.done) == len(trials):
-        log(f"[study {spec.name}] complete: {len(trials)}/{len(trials)} trials done; nothing to do")
+    before = scan(study, spec, total, reap=False)
+    if len(before.done) >= total:
+        log(f"[study {spec.name}] complete: {total}/{total} trials done; nothing to do")
         return before
-    log(f"[study {spec.name}] {len(before.done)}/{len(trials)} trials done; running the rest")
-    parent = _parent_run(spec, len(trials))
+    log(f"[study {spec.name}] {len(before.done)}/{total} trials done; running the rest")
+    parent = _parent_run(spec, total)
     attempted: set[int] = set()
     while max_trials is None or len(attempted) < max_trials:
         claimed = claim(study, spec, trials, skip=attempted)
         if claimed is None:
             break
-        attempted.add(claimed[1].index)
+        attempted.add(claimed[1][0].index)
         run_trial(study, spec, *claimed, parent_run_id=parent, log=log)
-    after = scan(study, spec, len(trials), reap=False)
+    after = scan(study, spec, total, reap=False)
     waiting = f", {len(after.running)} still running in other workers" if after.running else ""
-    open_ = len(trials) - len(after.done) - len(after.running)
-    retry = f", {open_} failed and will be retried by the same command" if open_ else ""
-    log(f"[study {spec.name}] {len(after.done)}/{len(trials)} trials done{waiting}{retry}")
-    if parent and len(after.done) == len(trials):
+    open_ = total - len(after.done) - len(after.running)
+    retry = f", {open_} failed or not started and will be run by the same command" if open_ else ""
+    log(f"[study {spec.name}] {len(after.done)}/{total} trials done{waiting}{retry}")
+    if parent and len(after.done) >= total:
         from pipeline.tracking import client
 
         client().set_terminated(parent, status="FINISHED")
@@ -290,26 +423,34 @@ def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials
 
 def status_rows(spec: StudySpec, storage: str | None = None) -> list[dict]:
     """One row per logical trial, from its latest Optuna attempt."""
-    trials = expand_trials(spec) if spec.sampler in ("grid", "ofat") else []
     study = open_study(spec, open_storage(spec, storage))
     latest: dict[int, optuna.trial.FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False):
         idx = t.user_attrs.get("trial_index")
         if idx is not None and (idx not in latest or t.number > latest[idx].number):
             latest[idx] = t
+    if spec.sampler in FIXED_DESIGNS:
+        planned = [(ts.index, ts.point, {"seed": ts.seed}) for ts in expand_trials(spec)]
+    else:
+        planned = [(i, {k: latest[i].params.get(k) for k in spec.space} if i in latest else {}, {})
+                   for i in range(spec.n_trials)]
     rows = []
-    for ts in trials:
-        t = latest.get(ts.index)
+    for index, point, extra in planned:
+        t = latest.get(index)
         state = t.state.name if t else "OPEN"
         if t and t.state == TrialState.FAIL:
             state += f" ({t.user_attrs.get('failure_reason', '?')})"
         if t and t.state == TrialState.RUNNING and not worker_alive(_heartbeat_path(spec, t.number)):
             state = "RUNNING (worker dead; rerun to resume)"
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t and t.datetime_complete else None
-        values = dict(zip([o.metric for o in spec.objectives], t.values)) if t and t.values else {}
-        rows.append({"trial": ts.index, "seed": ts.seed, "state": state, **ts.point, **values,
+        # A pruned trial's value is its last intermediate (oriented val/elbo), not the objective.
+        complete = t is not None and t.state == TrialState.COMPLETE
+        values = dict(zip([o.metric for o in spec.objectives], t.values)) if complete else {}
+        runs = t.user_attrs.get("mlflow_run_ids") if t else None
+        rows.append({"trial": index, **extra, "state": state, **point, **values,
                      "seconds": round(duration, 1) if duration else None,
-                     "mlflow_run": (t.user_attrs.get("mlflow_run_id") if t else None)})
+                     "mlflow_run": (", ".join(runs.values()) if runs and len(runs) > 1
+                                    else (t.user_attrs.get("mlflow_run_id") if t else None))})
     return rows
 
 

@@ -57,6 +57,10 @@ class Range(_Strict):
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
             raise ValueError("a log range needs low > 0")
+        if self.log and self.step not in (None, 1):
+            raise ValueError("log and step cannot be combined (a log range is sampled continuously, or in steps of 1)")
+        if self.step is not None and self.step <= 0:
+            raise ValueError(f"step ({self.step}) must be positive")
         return self
 
     @property

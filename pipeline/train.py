@@ -56,6 +56,17 @@ class DivergedError(RuntimeError):
         self.step, self.epoch = step, epoch
 
 
+class StopEarly(Exception):
+    """Raised by an ``on_epoch`` callback to end a run after an epoch (a study's pruner decided).
+
+    The epoch's checkpoint and points are stored first; the run ends KILLED and tagged ``pruned``.
+    """
+
+    def __init__(self, epoch: int, reason: str = "pruned"):
+        super().__init__(f"stopped after epoch {epoch}: {reason}")
+        self.epoch, self.reason = epoch, reason
+
+
 class RunDirError(PipelineError, RuntimeError):
     """The run directory's state conflicts with what was asked."""
 
@@ -64,7 +75,7 @@ class RunDirError(PipelineError, RuntimeError):
 class TrainResult:
     run_dir: str
     run_id: str | None
-    status: str  # finished | diverged | skipped
+    status: str  # finished | diverged | pruned | skipped
     epochs_done: int
     steps_done: int
     val: dict[str, float] = field(default_factory=dict)
@@ -106,6 +117,12 @@ def _seed_all(seed: int) -> None:
 def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     # A pure function of (seed, epoch): the shuffle needs no state to resume.
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def epoch_history(run_dir: str | Path) -> list[dict]:
+    """The per-epoch validation rows of a run directory's checkpoint ([] when there is none)."""
+    path = Path(run_dir) / CHECKPOINT
+    return load_checkpoint(path)["history"] if path.exists() else []
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -201,11 +218,14 @@ def fit(
     splits: Splits | None = None,
     log=print,
     progress: bool | None = None,
+    on_epoch=None,
 ) -> TrainResult:
     """Train ``cfg`` in ``run_dir``; per-step metrics go to ``sink`` in blocks.
 
     Raises DivergedError on a non-finite loss or gradient; the checkpoint on disk is then the last
-    good one (from the end of the previous epoch).
+    good one (from the end of the previous epoch). ``on_epoch(row)`` is called with each epoch's
+    validation row (``epoch``, ``step``, ``val/…``) once it is checkpointed, and on resume first with
+    the rows of the epochs already done, so a pruner sees the whole curve; it may raise StopEarly.
     """
     run_dir = Path(run_dir)
     tc = cfg.train
@@ -246,6 +266,8 @@ def fit(
         _set_rng_state(ck["rng"])
         start_epoch, history, sigma_star = ck["epoch"] + 1, ck["history"], ck.get("sigma_star")
         log(f"[train] resuming from epoch {ck['epoch']}/{tc.epochs} (step {ck['step']}) in {run_dir}")
+    for row in history if on_epoch else ():
+        on_epoch(row)
     already = sink.last_steps(keys + EPOCH_KEYS)
 
     lr_t = torch.tensor(tc.lr, device=device)
@@ -325,6 +347,8 @@ def fit(
             f"[train] epoch {epoch}/{tc.epochs}  val/elbo {val['val/elbo']:.2f}  val/recon_nll {val['val/recon_nll']:.2f}"
             f"  val/kl {val['val/kl']:.2f}  {images_per_s:,.0f} img/s"
         )
+        if on_epoch:
+            on_epoch(history[-1])
 
     last = history[-1] if history else {}
     return TrainResult(
@@ -389,11 +413,13 @@ def train_stage(
     progress: bool | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    on_epoch=None,
 ) -> TrainResult:
     """Train one config, cached and resumable.
 
     mode: ``auto`` skips a finished run and resumes an interrupted one; ``resume`` insists on a
-    checkpoint to resume; ``restart`` discards what the run directory holds.
+    checkpoint to resume; ``restart`` discards what the run directory holds. ``on_epoch``: see
+    ``fit``; a run it stops ends with status ``pruned`` (final, like ``diverged``).
     """
     if mode not in ("auto", "resume", "restart"):
         raise ValueError(f"mode={mode!r} is not one of: auto, resume, restart")
@@ -412,6 +438,9 @@ def train_stage(
             return TrainResult(**{**{k: done.get(k) for k in TrainResult.__dataclass_fields__}, "status": "skipped"})
         if done["status"] == "diverged":
             log(f"[train] this run diverged at step {done.get('diverged_at_step')}; --restart to try again")
+            return TrainResult(**{k: done.get(k) for k in TrainResult.__dataclass_fields__})
+        if done["status"] == "pruned":
+            log(f"[train] this run was pruned after epoch {done.get('epochs_done')}; --restart to train it again")
             return TrainResult(**{k: done.get(k) for k in TrainResult.__dataclass_fields__})
     if ckpt_path.exists():
         ck_hash = load_checkpoint(ckpt_path).get("config_hash")
@@ -456,7 +485,15 @@ def train_stage(
     sink.log_artifact(config_path)
 
     try:
-        result = fit(cfg, run_dir, sink, resume=ckpt_path.exists(), splits=splits, log=log, progress=progress)
+        result = fit(cfg, run_dir, sink, resume=ckpt_path.exists(), splits=splits, log=log, progress=progress,
+                     on_epoch=on_epoch)
+    except StopEarly as e:
+        sink.end("KILLED", tags={"pruned": "true", "pruned_at_epoch": str(e.epoch)})
+        ck = load_checkpoint(ckpt_path)
+        result = TrainResult(str(run_dir), sink.run_id, "pruned", ck["epoch"], ck["step"])
+        atomic_write_json({**asdict(result), "config_hash": cfg.result_hash()}, result_path)
+        log(f"[train] {e}; MLflow run {sink.run_id} ended KILLED, tagged pruned")
+        return result
     except DivergedError as e:
         sink.end("FAILED", tags={"failure_reason": "diverged", "diverged_at_step": str(e.step)})
         result = TrainResult(str(run_dir), sink.run_id, "diverged", e.epoch - 1, e.step, diverged_at_step=e.step)

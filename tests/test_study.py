@@ -172,3 +172,207 @@ def test_an_objective_the_run_cannot_produce_fails_once_and_is_not_retried(home)
     messages = []
     run_study(spec, log=messages.append)
     assert "complete" in messages[0] and len(_optuna_trials(home, "nobpd")) == n
+
+
+# --- searches ------------------------------------------------------------------------------------
+def _write_search(home: Path, name: str, space: dict, sampler="random", n_trials=3, seeds=(0,), pruner="none",
+                  objectives=(("test/active_units", "maximize"),), **base) -> Path:
+    path = home / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": name, "sampler": sampler, "n_trials": n_trials, "pruner": pruner, "base": {**TINY_BASE, **base},
+        "space": space, "seeds": list(seeds),
+        "objectives": [{"metric": m, "direction": d} for m, d in objectives],
+    }))
+    return path
+
+
+def _search_integrity(home: Path, name: str, n_trials: int, seeds: tuple, steps_per_run: int,
+                      metric: str = "test/active_units"):
+    """Every search trial COMPLETE once, its value the mean over its seeds' metrics.json, one FINISHED
+    MLflow run per (trial, seed) with the trial's point, no duplicated (metric, step)."""
+    from pipeline.tracking import client
+
+    trials = _optuna_trials(home, name)
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    complete = {t.user_attrs["trial_index"]: t for t in trials if t.state.name == "COMPLETE"}
+    assert sorted(complete) == list(range(n_trials))
+    runs = [r for r in _mlflow_runs(name) if r.data.tags.get("role") != "study"]
+    per_run = Counter((r.data.tags["trial"], r.data.tags["seed"]) for r in runs)
+    assert per_run == Counter((str(i), str(s)) for i in range(n_trials) for s in seeds), per_run
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for t in complete.values():
+        seed_values = []
+        for run_dir in t.user_attrs["run_dirs"]:
+            source = ("metrics.json", "metrics") if metric.startswith("test/") else ("result.json", "val")
+            seed_values.append(json.loads((Path(run_dir) / source[0]).read_text())[source[1]][metric])
+            cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+            for key, value in t.params.items():
+                section, field = key.split(".")
+                assert cfg[section][field] == value, (key, value, cfg[section])
+        assert t.values[0] == pytest.approx(sum(seed_values) / len(seed_values))
+        assert set(t.user_attrs["mlflow_run_ids"]) == {str(s) for s in seeds}
+    c = client()
+    for r in runs:
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(steps_per_run)), (r.data.tags["trial"], steps)
+    return complete, runs
+
+
+def test_a_random_search_averages_its_seeds_and_a_rerun_does_nothing(home):
+    from pipeline.study import run_study, status_rows
+    from pipeline.studyspec import load_study
+
+    path = _write_search(home, "rand", {"objective.beta": {"low": 0.5, "high": 50.0, "log": True},
+                                        "model.decoder_depth": {"low": 1, "high": 3, "step": 1}}, seeds=(0, 1))
+    spec = load_study(path)
+    assert run_study(spec, log=lambda *_: None).done == {0, 1, 2}
+    complete, _ = _search_integrity(home, "rand", 3, (0, 1), steps_per_run=4)
+    depths = [t.params["model.decoder_depth"] for t in complete.values()]
+    assert all(isinstance(d, int) and 1 <= d <= 3 for d in depths)
+    assert all(0.5 <= t.params["objective.beta"] <= 50 for t in complete.values())
+    assert len({t.params["objective.beta"] for t in complete.values()}) == 3  # drawn, not repeated
+    rows = status_rows(spec)
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 and all(r["test/active_units"] is not None for r in rows)
+    n = len(_optuna_trials(home, "rand"))
+    messages = []
+    run_study(spec, log=messages.append)
+    assert "complete" in messages[0] and len(_optuna_trials(home, "rand")) == n
+
+
+def test_a_search_worker_killed_between_seeds_resumes_the_same_point_into_the_same_runs(home):
+    path = _write_search(home, "killsearch", {"objective.beta": {"low": 0.5, "high": 8.0}}, sampler="tpe",
+                         n_trials=1, seeds=(0, 1), objectives=(("val/elbo", "maximize"),),
+                         **{"data.train_subset": 2048, "train.epochs": 2, "eval.enabled": False})
+    cmd = [sys.executable, "-m", "pipeline", "study", str(path)]
+    env = subprocess_env(home)
+    proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    trial_dirs = home / "runs" / "killsearch" / "trials"
+    deadline = time.time() + 240
+    # Killed in trial 0's second seed, after its first epoch: seed 0 finished, seed 1 half trained.
+    while time.time() < deadline and proc.poll() is None and not list(trial_dirs.glob("0000-seed1-*/checkpoint.pt")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the study finished before it could be killed"
+    seed0_dir, seed1_dir = next(trial_dirs.glob("0000-seed0-*")), next(trial_dirs.glob("0000-seed1-*"))
+    finished_before = (seed0_dir / "result.json").read_text()
+    killed_runs = {json.loads((d / "run.json").read_text())["run_id"] for d in (seed0_dir, seed1_dir)}
+    assert not (seed1_dir / "result.json").exists()
+    point_before = [t.params for t in _optuna_trials(home, "killsearch") if t.user_attrs["trial_index"] == 0]
+
+    out = subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    complete, runs = _search_integrity(home, "killsearch", 1, (0, 1), steps_per_run=2 * 2048 // 64, metric="val/elbo")
+    assert complete[0].params == point_before[0]  # the same point, not a new draw
+    assert {r.info.run_id for r in runs if r.data.tags["trial"] == "0"} == killed_runs
+    assert (seed0_dir / "result.json").read_text() == finished_before  # the finished seed was not retrained
+    died = [t for t in _optuna_trials(home, "killsearch") if t.user_attrs.get("failure_reason") == "worker_died"]
+    assert [t.user_attrs["trial_index"] for t in died] == [0]
+
+
+def test_the_median_pruner_stops_a_hopeless_trial_and_its_run_says_so(home):
+    from pipeline.study import run_study
+    from pipeline.studyspec import load_study
+
+    # A learning rate of 1e-7 leaves the ELBO where it started; 3e-3 does not. One seed, CPU: identical
+    # configs give identical curves, so only the slow ones can fall below the median.
+    # The objective is val/elbo itself, so the runs need no test-set evaluation.
+    spec = load_study(_write_search(home, "prune", {"train.lr": [0.003, 1e-7]}, n_trials=6, pruner="median",
+                                    objectives=(("val/elbo", "maximize"),), **{"train.epochs": 3, "eval.enabled": False}))
+    progress = run_study(spec, log=lambda *_: None)
+    assert len(progress.done) == 6
+    trials = _optuna_trials(home, "prune")
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned, [(t.state.name, t.params) for t in trials]
+    assert all(t.params["train.lr"] == 1e-7 for t in pruned)
+    runs = {r.info.run_id: r for r in _mlflow_runs("prune")}
+    for t in pruned:
+        run = runs[t.user_attrs["mlflow_run_id"]]
+        assert run.info.status == "KILLED" and run.data.tags["pruned"] == "true"
+        assert int(run.data.tags["pruned_at_epoch"]) < 3
+        assert set(t.intermediate_values) == set(range(1, int(run.data.tags["pruned_at_epoch"]) + 1))
+        assert json.loads((Path(t.user_attrs["run_dirs"][0]) / "result.json").read_text())["status"] == "pruned"
+    # Pruned trials are done: the same command runs nothing again.
+    n = len(trials)
+    run_study(spec, log=lambda *_: None)
+    assert len(_optuna_trials(home, "prune")) == n
+
+
+def test_nsga2_runs_a_multi_objective_search_with_a_pareto_front(home):
+    from pipeline.study import open_storage, open_study, run_study
+    from pipeline.studyspec import load_study
+
+    spec = load_study(_write_search(home, "front", {"objective.beta": {"low": 0.1, "high": 100.0, "log": True}},
+                                    sampler="nsga2", n_trials=4,
+                                    objectives=(("test/iwae_nll", "minimize"), ("test/active_units", "maximize"))))
+    assert len(run_study(spec, log=lambda *_: None).done) == 4
+    study = open_study(spec, open_storage(spec, None))
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
+    assert all(len(t.values) == 2 for t in study.get_trials(deepcopy=False))
+    assert 1 <= len(study.best_trials) <= 4
+
+
+def test_pruners_see_val_elbo_oriented_like_the_objective():
+    import optuna
+
+    from pipeline.study import _pruning_callback, make_pruner
+    from pipeline.studyspec import parse_study
+    from pipeline.train import StopEarly
+
+    def spec(direction, pruner="median"):
+        return parse_study({"name": "p", "sampler": "tpe", "n_trials": 10, "pruner": pruner, "base": TINY_BASE,
+                            "space": {"objective.beta": {"low": 0.5, "high": 4.0}},
+                            "objectives": [{"metric": "test/iwae_nll", "direction": direction}]})
+
+    assert isinstance(make_pruner(spec("minimize")), optuna.pruners.MedianPruner)
+    assert isinstance(make_pruner(spec("minimize", "hyperband")), optuna.pruners.HyperbandPruner)
+    assert isinstance(make_pruner(spec("minimize", "none")), optuna.pruners.NopPruner)
+    # A minimized objective: the pruner gets the NELBO, so a worse ELBO is a larger value, and a run far
+    # below the others' median is stopped; steps continue across seeds.
+    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    for elbo in (-100.0, -110.0):
+        t = study.ask()
+        for seed_index in (0, 1):
+            on_epoch = _pruning_callback(study, spec("minimize"), t, seed_index, epochs=3)
+            for epoch in (1, 2, 3):
+                on_epoch({"epoch": epoch, "val/elbo": elbo})
+        assert t.storage.get_trial(t._trial_id).intermediate_values == {s: -elbo for s in range(1, 7)}
+        study.tell(t, -elbo)
+    bad = study.ask()
+    on_epoch = _pruning_callback(study, spec("minimize"), bad, 0, epochs=3)
+    with pytest.raises(StopEarly) as stopped:
+        on_epoch({"epoch": 1, "val/elbo": -500.0})
+    assert stopped.value.epoch == 1
+    good = study.ask()
+    _pruning_callback(study, spec("minimize"), good, 0, epochs=3)({"epoch": 1, "val/elbo": -90.0})  # not stopped
+
+
+def test_the_dashboard_serves_the_study_on_loopback(home):
+    import socket
+    import urllib.request
+
+    from pipeline.study import open_storage, open_study
+    from pipeline.studyspec import load_study
+
+    path = _write_study(home, "dash", {"objective.beta": [1, 2]})
+    study = open_study(load_study(path), open_storage(load_study(path), None))
+    study.tell(study.ask(), 3.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dashboard", str(path), "--port", str(port)],
+                            env=subprocess_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, body = time.time() + 60, None
+        while time.time() < deadline and body is None and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, proc.stdout.read1().decode() if proc.poll() is not None else "no answer"
+        names = [s["study_name"] for s in body["study_summaries"]]
+        assert names == ["dash"]
+    finally:
+        proc.kill()
+        proc.wait()

@@ -135,3 +135,16 @@ def test_plan_cli_lists_trials_and_rejects_a_bad_study(tmp_path):
                          cwd=tmp_path, timeout=120)
     assert err.returncode == 2 and "model.latnt_dim" in err.stderr and "latent_dim" in err.stderr
     assert "Traceback" not in err.stderr
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"low": 0.1, "high": 1.0, "log": True, "step": 0.1}, "log and step cannot be combined"),
+    ({"low": 1, "high": 6, "step": 0}, "must be positive"),
+])
+def test_a_range_that_optuna_could_not_sample_is_refused_on_load(bad, message):
+    from pipeline.config import ConfigError
+    from pipeline.studyspec import parse_study
+
+    with pytest.raises(ConfigError, match=message):
+        parse_study({"name": "r", "sampler": "tpe", "n_trials": 3, "space": {"objective.beta": bad},
+                     "objectives": [{"metric": "test/iwae_nll", "direction": "minimize"}]})
