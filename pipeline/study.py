@@ -25,6 +25,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -45,6 +46,7 @@ from pipeline.train import StopEarly, epoch_history, train_stage
 
 HEARTBEAT_EVERY_S = 5.0
 STALE_AFTER_S = 60.0
+WAIT_POLL_S = 5.0
 # Failed trials that are results, not accidents: rerunning cannot change them, so they count as done.
 DONE_FAILURES = ("diverged", "objective_missing")
 
@@ -59,14 +61,35 @@ def study_dir(spec: StudySpec) -> Path:
 
 def open_storage(spec: StudySpec, storage: str | None):
     """The given storage URL, else a journal file in the study's directory (safe for several
-    processes on one machine, unlike SQLite)."""
+    processes on one machine, unlike SQLite). An unreachable database fails here, before any work,
+    with the URL (password masked) and what to check."""
     if storage is None:
         d = study_dir(spec)
         d.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(d / "optuna.journal")))
-    if "://" in storage:
-        return optuna.storages.RDBStorage(storage)
-    return JournalStorage(JournalFileBackend(storage))
+    if "://" not in storage:
+        return JournalStorage(JournalFileBackend(storage))
+    try:
+        return optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
+    except Exception as e:  # SQLAlchemy/driver errors name the URL with its password: say it ourselves
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StudyError(
+            f"cannot open the Optuna storage {masked(storage)}: {masked(reason)}\n"
+            "  check that the database server is running and reachable (make postgres starts a local one), "
+            "that the database exists, and the user and password (PGPASSFILE or ~/.pgpass)"
+        ) from None
+
+
+def _engine_kwargs(url: str) -> dict:
+    if url.startswith("postgresql"):
+        # Fail fast on an unreachable server; recycle connections a worker held through a long trial.
+        return {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+    return {}
+
+
+def masked(text: str) -> str:
+    """A URL (or a message holding one) with its password replaced by ***."""
+    return re.sub(r"(//[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
 
 
 def open_study(spec: StudySpec, storage=None) -> optuna.Study:
@@ -85,30 +108,34 @@ def open_study(spec: StudySpec, storage=None) -> optuna.Study:
 
 
 # --- liveness ------------------------------------------------------------------------------------
-def _heartbeat_path(spec: StudySpec, trial_number: int) -> Path:
-    return study_dir(spec) / "heartbeats" / f"{trial_number}.json"
+# A claimed trial carries its worker (host, pid) and a heartbeat time as system attributes, in the
+# study's own storage: a journal file on a shared filesystem or a database both reach every machine.
+# On the worker's own host the pid answers at once; elsewhere the heartbeat must be recent.
+def _worker_id() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 class Heartbeat(threading.Thread):
-    """Touches a file naming this worker (host, pid) until stopped."""
+    """Stamps the trial's `heartbeat` system attribute every few seconds until stopped."""
 
-    def __init__(self, path: Path, every: float = HEARTBEAT_EVERY_S):
-        super().__init__(daemon=True, name=f"heartbeat-{path.stem}")
-        self.path, self.every = path, every
+    def __init__(self, study: optuna.Study, trial_id: int, every: float = HEARTBEAT_EVERY_S):
+        super().__init__(daemon=True, name=f"heartbeat-{trial_id}")
+        self.storage, self.trial_id, self.every = study._storage, trial_id, every
         self._halt = threading.Event()
-        self.beat()
 
     def beat(self) -> None:
-        atomic_write_json({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, self.path)
+        self.storage.set_trial_system_attr(self.trial_id, "heartbeat", time.time())
 
     def run(self) -> None:
         while not self._halt.wait(self.every):
-            self.beat()
+            try:
+                self.beat()
+            except Exception:  # the trial was finished meanwhile, or the storage blinked: try again later
+                pass
 
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=5)
-        self.path.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -121,15 +148,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def worker_alive(path: Path, stale_after: float = STALE_AFTER_S) -> bool:
-    """A heartbeat from this host is alive iff its process is; from another host, iff it is fresh."""
-    try:
-        beat = json.loads(path.read_text())
-    except (OSError, ValueError):
+def worker_alive(trial: optuna.trial.FrozenTrial, stale_after: float = STALE_AFTER_S) -> bool:
+    """Is the worker holding this RUNNING trial alive? Same host: its pid; other hosts: a fresh heartbeat."""
+    worker = trial.system_attrs.get("worker")
+    if not worker:
         return False
-    if beat.get("host") == socket.gethostname():
-        return _pid_alive(int(beat["pid"]))
-    return time.time() - path.stat().st_mtime < stale_after
+    if worker.get("host") == socket.gethostname():
+        return _pid_alive(int(worker["pid"]))
+    return time.time() - float(trial.system_attrs.get("heartbeat", 0)) < stale_after
+
+
+@contextmanager
+def _claim_lock(spec: StudySpec, study: optuna.Study):
+    """Claims are serialized: across machines by a PostgreSQL advisory lock when the storage is
+    PostgreSQL, else by a file lock in the study directory (one machine, or a shared filesystem)."""
+    storage = study._storage
+    engine = getattr(storage, "engine", None)
+    if engine is not None and engine.dialect.name == "postgresql":
+        import sqlalchemy
+
+        key = zlib.crc32(f"vae-pipeline/{spec.name}".encode())
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    with _locked(study_dir(spec) / "claim.lock"):
+        yield
 
 
 @contextmanager
@@ -211,12 +259,11 @@ def scan(study: optuna.Study, spec: StudySpec, total: int, reap: bool = True) ->
             done.add(idx)
             failed[idx] = reason
         elif t.state == TrialState.RUNNING:
-            if worker_alive(_heartbeat_path(spec, t.number)):
+            if worker_alive(t):
                 running.add(idx)
             elif reap:
                 study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "worker_died")
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-                _heartbeat_path(spec, t.number).unlink(missing_ok=True)
         elif t.state == TrialState.WAITING and reap:
             # Enqueued by a worker that died before asking for it: retire it, its index stays open.
             study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "abandoned")
@@ -235,7 +282,7 @@ def claim(study: optuna.Study, spec: StudySpec, trials: list[TrialSpec] | None,
     runs are resumed), else a new index drawn by the sampler while fewer than `n_trials` exist.
     `skip`: indices this worker already attempted in this session (an error is not retried in a loop).
     """
-    with _locked(study_dir(spec) / "claim.lock"):
+    with _claim_lock(spec, study):
         total = len(trials) if trials is not None else spec.n_trials
         progress = scan(study, spec, total)
         if trials is not None:
@@ -244,8 +291,7 @@ def claim(study: optuna.Study, spec: StudySpec, trials: list[TrialSpec] | None,
                     continue
                 study.enqueue_trial({**ts.point, "seed": ts.seed},
                                     user_attrs={"trial_index": ts.index, "config_hash": ts.config_hash, "seed": ts.seed})
-                trial = study.ask()
-                Heartbeat(_heartbeat_path(spec, trial.number))  # written now: claimed before the lock is released
+                trial = _ask_claimed(study)
                 for key in ts.point:  # records the enqueued levels as the trial's params (dashboard, status)
                     trial.suggest_categorical(key, _choices(spec, key))
                 trial.suggest_categorical("seed", spec.seeds)
@@ -261,11 +307,18 @@ def claim(study: optuna.Study, spec: StudySpec, trials: list[TrialSpec] | None,
         else:
             return None
         study.sampler = make_sampler(spec, index)
-        trial = study.ask()
+        trial = _ask_claimed(study)
         trial.set_user_attr("trial_index", index)
-        Heartbeat(_heartbeat_path(spec, trial.number))
         point = {key: _suggest(trial, key, levels) for key, levels in spec.space.items()}
         return trial, trial_seeds(spec, index, point)
+
+
+def _ask_claimed(study: optuna.Study) -> optuna.Trial:
+    """Ask for a trial and mark it as this worker's before the claim lock is released."""
+    trial = study.ask()
+    study._storage.set_trial_system_attr(trial._trial_id, "worker", _worker_id())
+    study._storage.set_trial_system_attr(trial._trial_id, "heartbeat", time.time())
+    return trial
 
 
 def _choices(spec: StudySpec, key: str) -> list:
@@ -274,22 +327,23 @@ def _choices(spec: StudySpec, key: str) -> list:
 
 
 # --- running -------------------------------------------------------------------------------------
-def _parent_run(spec: StudySpec, trials_total: int) -> str | None:
-    """The study's parent MLflow run, created once (its id kept in the study directory)."""
+def _parent_run(spec: StudySpec, study: optuna.Study, trials_total: int) -> str | None:
+    """The study's parent MLflow run, created once: its id is kept in the Optuna study (so workers on
+    other machines find it) and in runs/<study>/parent.json."""
     info_path = study_dir(spec) / "parent.json"
-    with _locked(study_dir(spec) / "parent.lock"):
-        try:
-            return json.loads(info_path.read_text())["run_id"]
-        except (OSError, ValueError, KeyError):
-            pass
-        from pipeline.tracking import MlflowRun
+    with _claim_lock(spec, study):
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id is None:
+            from pipeline.tracking import MlflowRun
 
-        run = MlflowRun(spec.name, run_name=f"study {spec.name}", tags={"study": spec.name, "role": "study"})
-        run.log_params({"study.sampler": spec.sampler, "study.trials": trials_total, "study.seeds": spec.seeds,
-                        "study.factors": ", ".join(spec.factors), "study.pruner": spec.pruner,
-                        "study.objectives": ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives)})
-        atomic_write_json({"run_id": run.run_id}, info_path)
-        return run.run_id
+            run = MlflowRun(spec.name, run_name=f"study {spec.name}", tags={"study": spec.name, "role": "study"})
+            run.log_params({"study.sampler": spec.sampler, "study.trials": trials_total, "study.seeds": spec.seeds,
+                            "study.factors": ", ".join(spec.factors), "study.pruner": spec.pruner,
+                            "study.objectives": ", ".join(f"{o.direction} {o.metric}" for o in spec.objectives)})
+            run_id = run.run_id
+            study.set_user_attr("mlflow_parent_run_id", run_id)
+        atomic_write_json({"run_id": run_id}, info_path)
+        return run_id
 
 
 def trial_run_dir(spec: StudySpec, ts: TrialSpec) -> Path:
@@ -328,7 +382,7 @@ def run_trial(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, runs: l
     Returns the outcome: complete | pruned | diverged | objective_missing | error.
     """
     index, point = runs[0].index, runs[0].point
-    heartbeat = Heartbeat(_heartbeat_path(spec, trial.number))
+    heartbeat = Heartbeat(study, trial._trial_id)
     heartbeat.start()
     shown = ", ".join(f"{k}={_short(v)}" for k, v in point.items())
     seeds = ", ".join(str(ts.seed) for ts in runs)
@@ -390,8 +444,14 @@ def _short(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials: int | None = None) -> Progress:
-    """Run (or resume) a study until no open trial is left for this worker."""
+def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials: int | None = None,
+              wait: bool = True) -> Progress:
+    """Run (or resume) a study until no open trial is left for this worker.
+
+    With `wait`, a worker that finds nothing to claim while other workers still hold trials polls
+    until they end, and takes over any whose worker dies: the study then finishes as long as one
+    worker is left.
+    """
     fixed = spec.sampler in FIXED_DESIGNS
     trials = expand_trials(spec) if fixed else None
     total = len(trials) if fixed else spec.n_trials
@@ -401,12 +461,21 @@ def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials
         log(f"[study {spec.name}] complete: {total}/{total} trials done; nothing to do")
         return before
     log(f"[study {spec.name}] {len(before.done)}/{total} trials done; running the rest")
-    parent = _parent_run(spec, total)
+    parent = _parent_run(spec, study, total)
     attempted: set[int] = set()
+    announced = False
     while max_trials is None or len(attempted) < max_trials:
         claimed = claim(study, spec, trials, skip=attempted)
         if claimed is None:
-            break
+            others = scan(study, spec, total, reap=False).running
+            if not (wait and others):
+                break
+            if not announced:
+                log(f"[study {spec.name}] nothing left to claim; waiting for {len(others)} trial(s) running in other "
+                    "workers (one whose worker dies is taken over; Ctrl-C leaves them to their workers)")
+                announced = True
+            time.sleep(WAIT_POLL_S)
+            continue
         attempted.add(claimed[1][0].index)
         run_trial(study, spec, *claimed, parent_run_id=parent, log=log)
     after = scan(study, spec, total, reap=False)
@@ -440,7 +509,7 @@ def status_rows(spec: StudySpec, storage: str | None = None) -> list[dict]:
         state = t.state.name if t else "OPEN"
         if t and t.state == TrialState.FAIL:
             state += f" ({t.user_attrs.get('failure_reason', '?')})"
-        if t and t.state == TrialState.RUNNING and not worker_alive(_heartbeat_path(spec, t.number)):
+        if t and t.state == TrialState.RUNNING and not worker_alive(t):
             state = "RUNNING (worker dead; rerun to resume)"
         duration = (t.datetime_complete - t.datetime_start).total_seconds() if t and t.datetime_complete else None
         # A pruned trial's value is its last intermediate (oriented val/elbo), not the objective.
