@@ -16,6 +16,8 @@ RUN ?=
 CHECKPOINT ?=
 STUDY ?= studies/demo.yaml
 N ?= 2
+STORAGE ?=
+STORAGE_ARG = $(if $(STORAGE),--storage $(STORAGE))
 
 # As root on Debian with the data missing, install the package that ships the raw IDX files.
 DEBIAN_DATA = if [ "$(DATASET)" = fashion-mnist ] && [ ! -e $(DEBIAN_FMNIST) ] && [ "$$(id -u)" = 0 ] \
@@ -23,7 +25,19 @@ DEBIAN_DATA = if [ "$(DATASET)" = fashion-mnist ] && [ ! -e $(DEBIAN_FMNIST) ] &
 	echo "[setup] installing Debian package dataset-fashion-mnist"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
 
-.PHONY: help setup data train evaluate plan study resume status workers dashboard demo test bench ui lint clean
+# As root on Debian with no Chromium, install it: the report tests open the HTML in a real headless browser.
+DEBIAN_CHROMIUM = if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	echo "[setup] installing Debian package chromium (for the report's browser test)"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+
+# As root on Debian with no PostgreSQL server, install it: the scale-out tests start a real cluster.
+DEBIAN_POSTGRES = if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null \
+	&& [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	echo "[setup] installing Debian package postgresql (for the multi-worker tests)"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi
+
+.PHONY: help setup data train evaluate plan study resume status workers dashboard report demo test bench ui lint clean \
+	postgres postgres-stop server server-stop
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,35 +68,58 @@ plan: $(STAMP) ## validate a study and list its trials without running them: mak
 	$(PY) -m pipeline plan $(STUDY)
 
 study: setup ## run a study, or resume it after a crash with the same command: make study STUDY=studies/beta.yaml
-	$(PY) -m pipeline study $(STUDY)
+	$(PY) -m pipeline study $(STUDY) $(STORAGE_ARG)
 
 resume: study ## alias of make study: continue a killed study, losing nothing finished
 
 status: $(STAMP) ## the trial table of a study: make status STUDY=studies/beta.yaml
-	$(PY) -m pipeline status $(STUDY)
+	$(PY) -m pipeline status $(STUDY) $(STORAGE_ARG)
 
 workers: setup ## N worker processes on one study (one per GPU if several): make workers STUDY=… N=4
-	$(PY) -m pipeline workers $(STUDY) -n $(N)
+	$(PY) -m pipeline workers $(STUDY) -n $(N) $(STORAGE_ARG)
 
 dashboard: $(STAMP) ## optuna-dashboard for a study on 127.0.0.1:8080: make dashboard STUDY=…
-	$(PY) -m pipeline dashboard $(STUDY)
+	$(PY) -m pipeline dashboard $(STUDY) $(STORAGE_ARG)
+
+report: $(STAMP) ## write reports/<study>/ (report.html, report.md, summary.csv, figures/): make report STUDY=…
+	$(PY) -m pipeline report $(STUDY) $(STORAGE_ARG)
 
 demo: setup ## set up, then run the demo study (β × likelihood grid, train + evaluate each) on CPU in a few minutes
 	$(PY) -m pipeline study studies/demo.yaml
 	@echo
 	$(PY) -m pipeline status studies/demo.yaml
 	@echo
+	$(PY) -m pipeline report studies/demo.yaml
+	@echo
 	@echo "Demo done: 4 trainings, each evaluated on the test set (likelihood, collapse, sharpness)."
+	@echo "  report: $(CURDIR)/reports/demo/report.html   (open it in a browser; also report.md, summary.csv, figures/)"
 	@echo "  make ui                                # http://127.0.0.1:$(PORT), experiment 'demo': the study run,"
 	@echo "                                         # a child run per trial with per-step losses, test/* metrics, images"
 	@echo "  make dashboard STUDY=studies/demo.yaml  # http://127.0.0.1:8080, the Optuna view of the same study"
 	@echo "Killed midway? Run make demo again: finished trials are kept, the interrupted one resumes."
 
 test: setup ## set up and run the test suite (CPU, a few minutes)
+	@$(DEBIAN_CHROMIUM)
+	@$(DEBIAN_POSTGRES)
 	$(PY) -m pytest -q
 
-bench: setup ## training throughput vs a DataLoader loop and vs tracking off; writes bench/RESULTS.md
+bench: setup ## training throughput vs a DataLoader loop and vs tracking off, report time, study trials/hour on PostgreSQL; writes bench/RESULTS.md
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_report.py
+	$(PY) bench/bench_study.py
+
+postgres: $(STAMP) ## start the project's PostgreSQL on 127.0.0.1:5433 (VAE_PG_PORT): Optuna + MLflow databases
+	@$(DEBIAN_POSTGRES)
+	$(PY) -m pipeline postgres
+
+postgres-stop: $(STAMP) ## stop that PostgreSQL (its data is kept)
+	$(PY) -m pipeline postgres --stop
+
+server: postgres ## start an MLflow tracking server on 127.0.0.1:5000 (VAE_MLFLOW_PORT) backed by that PostgreSQL
+	$(PY) -m pipeline server
+
+server-stop: $(STAMP) ## stop the MLflow tracking server
+	$(PY) -m pipeline server --stop
 
 ui: $(STAMP) ## serve the MLflow UI on 127.0.0.1 (PORT=5000) against the project's store
 	$(PY) -m pipeline ui --port $(PORT)

@@ -54,10 +54,12 @@ def _add_plan(sub) -> None:
 
 
 def _add_study(sub) -> None:
-    p = sub.add_parser("study", help="run or resume a study (grid/ofat): the same command continues a killed study")
+    p = sub.add_parser("study", help="run or resume a study (any design): the same command continues a killed study")
     p.add_argument("study", help="a study YAML, e.g. studies/demo.yaml")
     p.add_argument("--storage", help="Optuna storage URL or journal file (default runs/<study>/optuna.journal)")
     p.add_argument("--max-trials", type=int, help="stop after this many trials (this worker)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="exit when nothing is left to claim, instead of waiting for trials other workers hold")
     s = sub.add_parser("status", help="the trial table of a study: state, point, objectives, duration")
     s.add_argument("study")
     s.add_argument("--storage")
@@ -70,6 +72,27 @@ def _add_study(sub) -> None:
     d.add_argument("study")
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--storage")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write reports/<study>/ (report.html, report.md, summary.csv, figures/) from MLflow and Optuna")
+    p.add_argument("study", help="a study YAML, e.g. studies/demo.yaml")
+    p.add_argument("--storage", help="Optuna storage URL or journal file (default runs/<study>/optuna.journal)")
+    p.add_argument("--out", help="output directory (default reports/<study>)")
+    p.add_argument("--interaction", nargs=2, metavar=("FACTOR_A", "FACTOR_B"),
+                   help="the two factors of the interaction heatmap (default: the study's first two)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the report to the study's parent MLflow run")
+
+
+def _add_services(sub) -> None:
+    p = sub.add_parser("postgres", help="start (or --stop) the project's PostgreSQL cluster on 127.0.0.1 "
+                                        "(databases optuna and mlflow; password in services/pgpass)")
+    p.add_argument("--stop", action="store_true")
+    p.add_argument("--port", type=int, help="default $VAE_PG_PORT or 5433")
+    s = sub.add_parser("server", help="start (or --stop) an MLflow tracking server backed by that PostgreSQL")
+    s.add_argument("--stop", action="store_true")
+    s.add_argument("--port", type=int, help="default $VAE_MLFLOW_PORT or 5000")
+    s.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
 
 
 def _add_ui(sub) -> None:
@@ -86,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_plan(sub)
     _add_study(sub)
+    _add_report(sub)
+    _add_services(sub)
     _add_ui(sub)
     return parser
 
@@ -169,7 +194,7 @@ def _cmd_study(args) -> int:
     from pipeline.studyspec import load_study
 
     spec = load_study(args.study)
-    progress = run_study(spec, args.storage, max_trials=args.max_trials)
+    progress = run_study(spec, _storage(args), max_trials=args.max_trials, wait=not args.no_wait)
     print(f"[study] browse it: make ui (experiment {spec.name!r}); trial table: make status STUDY={args.study}")
     return 0 if len(progress.done) + len(progress.running) == progress.total or args.max_trials else 1
 
@@ -179,7 +204,7 @@ def _cmd_workers(args) -> int:
     from pipeline.studyspec import load_study
 
     load_study(args.study)  # validate once, before any worker starts
-    failed = launch_workers(args.study, args.workers, args.storage, args.per_gpu)
+    failed = launch_workers(args.study, args.workers, _storage(args), args.per_gpu)
     print(f"[workers] {args.workers - failed}/{args.workers} workers ended cleanly; make status STUDY={args.study}")
     return 1 if failed else 0
 
@@ -192,9 +217,15 @@ def _cmd_dashboard(args) -> int:
     from pipeline.studyspec import load_study
 
     spec = load_study(args.study)
-    storage = args.storage or str(study_dir(spec) / "optuna.journal")
+    storage = _storage(args) or str(study_dir(spec) / "optuna.journal")
+    if "://" in storage:
+        from pipeline.services import use_pgpass
+
+        use_pgpass()  # inherited by optuna-dashboard
     exe = shutil.which("optuna-dashboard") or os.path.join(os.path.dirname(sys.executable), "optuna-dashboard")
-    print(f"[dashboard] http://127.0.0.1:{args.port}  (storage: {storage})", flush=True)
+    from pipeline.study import masked
+
+    print(f"[dashboard] http://127.0.0.1:{args.port}  (storage: {masked(storage)})", flush=True)
     os.execv(exe, [exe, storage, "--host", "127.0.0.1", "--port", str(args.port), "--server", "wsgiref"])
     return 0  # not reached
 
@@ -203,7 +234,7 @@ def _cmd_status(args) -> int:
     from pipeline.study import status_rows
     from pipeline.studyspec import load_study
 
-    rows = status_rows(load_study(args.study), args.storage)
+    rows = status_rows(load_study(args.study), _storage(args))
     if not rows:
         print("no trials yet")
         return 0
@@ -222,6 +253,47 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _cmd_report(args) -> int:
+    from pipeline.report import report_stage
+    from pipeline.studyspec import load_study
+
+    path = report_stage(load_study(args.study), _storage(args), args.out,
+                        interaction=tuple(args.interaction) if args.interaction else None, log_to_mlflow=not args.no_mlflow)
+    print(f"[report] open it: {path}")
+    return 0
+
+
+def _storage(args) -> str | None:
+    """--storage, else $VAE_STUDY_STORAGE: a URL with a password need not appear on a command line."""
+    import os
+
+    return args.storage or os.environ.get("VAE_STUDY_STORAGE") or None
+
+
+def _cmd_postgres(args) -> int:
+    from pipeline import services
+
+    if args.stop:
+        services.stop_postgres(args.port)
+        return 0
+    pg = services.start_postgres(args.port)
+    print(f"[postgres] Optuna storage: --storage {pg.url('optuna')}   (make study STORAGE=…)")
+    print(f"[postgres] clients read the password from PGPASSFILE={services.pgpass_path()} (set for you by the "
+          "pipeline; export it for other tools)")
+    return 0
+
+
+def _cmd_server(args) -> int:
+    from pipeline import services
+
+    if args.stop:
+        services.stop_server()
+        return 0
+    url = services.start_server(args.port, args.host)
+    print(f"[server] export MLFLOW_TRACKING_URI={url}   (then make study/workers/ui use it)")
+    return 0
 
 
 def _cmd_ui(args) -> int:
@@ -244,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"prepare": _cmd_prepare, "train": _cmd_train, "evaluate": _cmd_evaluate, "plan": _cmd_plan,
                     "study": _cmd_study, "status": _cmd_status, "workers": _cmd_workers,
-                    "dashboard": _cmd_dashboard, "ui": _cmd_ui}
+                    "dashboard": _cmd_dashboard, "postgres": _cmd_postgres, "server": _cmd_server, "ui": _cmd_ui, "report": _cmd_report}
         return commands[args.command](args)
     except (PipelineError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

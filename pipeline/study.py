@@ -69,15 +69,24 @@ def open_storage(spec: StudySpec, storage: str | None):
         return JournalStorage(JournalFileBackend(str(d / "optuna.journal")))
     if "://" not in storage:
         return JournalStorage(JournalFileBackend(storage))
-    try:
-        return optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
-    except Exception as e:  # SQLAlchemy/driver errors name the URL with its password: say it ourselves
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise StudyError(
-            f"cannot open the Optuna storage {masked(storage)}: {masked(reason)}\n"
-            "  check that the database server is running and reachable (make postgres starts a local one), "
-            "that the database exists, and the user and password (PGPASSFILE or ~/.pgpass)"
-        ) from None
+    from pipeline.services import use_pgpass
+
+    use_pgpass()  # the password of `make postgres`'s cluster, never in the URL
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(storage, engine_kwargs=_engine_kwargs(storage))
+        except Exception as e:  # SQLAlchemy/driver errors name the URL with its password: say it ourselves
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            # Workers starting together on a new database race to create Optuna's tables: the
+            # losers see a unique violation; the tables exist a moment later.
+            if "UniqueViolation" not in reason and "already exists" not in reason:
+                break
+            time.sleep(0.5 * (attempt + 1))
+    raise StudyError(
+        f"cannot open the Optuna storage {masked(storage)}: {masked(reason)}\n"
+        "  check that the database server is running and reachable (make postgres starts a local one), "
+        "that the database exists, and the user and password (PGPASSFILE or ~/.pgpass)"
+    )
 
 
 def _engine_kwargs(url: str) -> dict:
@@ -461,6 +470,9 @@ def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials
         log(f"[study {spec.name}] complete: {total}/{total} trials done; nothing to do")
         return before
     log(f"[study {spec.name}] {len(before.done)}/{total} trials done; running the rest")
+    from pipeline.tracking import check_reachable
+
+    check_reachable()  # an unreachable tracking server stops the worker here, not mid-trial
     parent = _parent_run(spec, study, total)
     attempted: set[int] = set()
     announced = False
@@ -543,7 +555,9 @@ def launch_workers(study_file: str, n: int, storage: str | None = None, per_gpu:
             env["CUDA_VISIBLE_DEVICES"] = str((i // per_gpu) % gpus)
         elif gpus == 0:
             env["OMP_NUM_THREADS"] = str(threads)
-        cmd = [sys.executable, "-m", "pipeline", "study", study_file] + (["--storage", storage] if storage else [])
+        if storage:  # in the environment, not on the command line (ps shows command lines)
+            env["VAE_STUDY_STORAGE"] = storage
+        cmd = [sys.executable, "-m", "pipeline", "study", study_file]
         procs.append(subprocess.Popen(cmd, env=env))
         where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus > 1 else ("GPU 0" if gpus else f"{threads} CPU threads")
         log(f"[workers] worker {i + 1}/{n} started (pid {procs[-1].pid}, {where})")

@@ -22,6 +22,9 @@ from pipeline import paths
 from pipeline.errors import PipelineError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# With a tracking server MLflow prints a "View run" URL at every run end: noise in worker logs, and
+# the URL is the server's as configured (it could carry credentials).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
@@ -51,6 +54,41 @@ def artifact_root() -> str:
 
 def client() -> MlflowClient:
     return MlflowClient(tracking_uri())
+
+
+def check_reachable(timeout: float = 5.0) -> None:
+    """Fail before any training, with one clear message, when the tracking store cannot be reached."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status == 200:
+                    return
+                reason = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            reason = f"HTTP {e.code} {e.reason}"
+        except OSError as e:
+            reason = str(getattr(e, "reason", e))
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server {_masked(uri)}: {_masked(reason)}\n"
+            "  check that it is running (make server starts one on 127.0.0.1), the host and port in "
+            "MLFLOW_TRACKING_URI, and any proxy or firewall between here and there"
+        )
+    if uri.startswith("postgresql"):
+        from pipeline.services import use_pgpass
+
+        use_pgpass()
+        try:
+            client().search_experiments(max_results=1)
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise TrackingError(
+                f"cannot open the MLflow store {_masked(uri)}: {_masked(first)}\n"
+                "  check that the database server runs, the database exists, and the credentials (PGPASSFILE)"
+            ) from None
 
 
 def get_or_create_experiment(name: str, c: MlflowClient | None = None) -> str:
@@ -327,3 +365,104 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 def get_run(run_id: str):
     return client().get_run(run_id)
+
+
+# --- reading a study back (the report stage) ---------------------------------------------------
+def study_runs(experiment: str, study: str | None = None) -> list[dict]:
+    """Every run of an experiment (with the tag `study` = `study` when given), as plain records:
+    {run_id, status, start_ms, end_ms, tags, params, metrics} with each metric's latest value."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    where = f"tags.`study` = '{study}'" if study else ""
+    records, token = [], None
+    while True:
+        page = c.search_runs([exp.experiment_id], filter_string=where, max_results=1000, page_token=token)
+        for r in page:
+            records.append({"run_id": r.info.run_id, "status": r.info.status, "start_ms": r.info.start_time,
+                            "end_ms": r.info.end_time, "tags": dict(r.data.tags), "params": dict(r.data.params),
+                            "metrics": dict(r.data.metrics)})
+        token = page.token
+        if not token:
+            return records
+
+
+def binned_metric_histories(run_ids: list[str], keys: list[str], bins: int) -> list[tuple[str, str, float, float]]:
+    """(run_id, key, mean step, mean value) per step bin, NaN points left out. The bins have one width
+    for all runs, ⌈(longest run's last step + 1) / bins⌉, so curves of one study share their x grid.
+
+    For plotting thousands of steps per run. On a SQL store the averaging happens in the database,
+    one query per 500 runs, so a 100-run study's 10⁶ points never cross into Python (that, more than
+    the query, is what costs seconds); elsewhere (a tracking server) each run's history is fetched.
+    """
+    if not run_ids or not keys:
+        return []
+    c = client()
+    engine = getattr(getattr(getattr(c, "_tracking_client", None), "store", None), "engine", None)
+    if engine is None:  # a tracking server: one call per (run, key), several in flight (they wait on the network)
+        from concurrent.futures import ThreadPoolExecutor
+
+        pairs = [(rid, key) for rid in run_ids for key in keys]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            histories = pool.map(lambda p: c.get_metric_history(*p), pairs)
+            points = [(rid, key, m.step, m.value) for (rid, key), hist in zip(pairs, histories)
+                      for m in hist if m.value == m.value]
+        if not points:
+            return []
+        width = -(-(max(p[2] for p in points) + 1) // bins)
+        sums: dict[tuple, list[float]] = {}
+        for rid, key, step, value in points:
+            acc = sums.setdefault((rid, key, step // width), [0.0, 0.0, 0])
+            acc[0], acc[1], acc[2] = acc[0] + step, acc[1] + value, acc[2] + 1
+        return [(rid, key, a[0] / a[2], a[1] / a[2]) for (rid, key, _), a in sorted(sums.items())]
+    from sqlalchemy import bindparam, exc, text
+
+    def run(sql: str, params: dict) -> list:
+        # SQLite otherwise scans the (key, …) primary key, i.e. every study's points of that key.
+        hinted = sql.replace("FROM metrics", "FROM metrics INDEXED BY index_metrics_run_uuid_key_step")
+        query = text(hinted if engine.dialect.name == "sqlite" else sql)
+        query = query.bindparams(bindparam("keys", expanding=True), bindparam("runs", expanding=True))
+        with engine.connect() as conn:
+            try:
+                return list(conn.execute(query, params))
+            except exc.OperationalError:  # an older schema without that index
+                plain = text(sql).bindparams(bindparam("keys", expanding=True), bindparam("runs", expanding=True))
+                return list(conn.execute(plain, params))
+
+    chunks = [list(run_ids[i : i + 500]) for i in range(0, len(run_ids), 500)]
+    last = max((r[0] for ch in chunks for r in run("SELECT MAX(step) FROM metrics WHERE run_uuid IN :runs AND "
+                                                 "key IN :keys", {"runs": ch, "keys": list(keys)})
+                if r[0] is not None), default=None)
+    if last is None:
+        return []
+    width = -(-(int(last) + 1) // bins)
+    rows = []
+    for ch in chunks:
+        rows += run("SELECT run_uuid, key, AVG(step), AVG(value) FROM metrics WHERE key IN :keys AND run_uuid IN :runs "
+                    "AND is_nan = :false GROUP BY run_uuid, key, step / :width",
+                    {"keys": list(keys), "runs": ch, "false": False, "width": width})
+    return sorted((r, k, float(st), float(v)) for r, k, st, v in rows)
+
+
+def study_parent_run(experiment: str) -> str | None:
+    """The id of the study's parent run (tag role=study), if the experiment has one."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], filter_string="tags.`role` = 'study'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def download_artifact(run_id: str, path: str, dst_dir: str | Path) -> Path | None:
+    """One artifact of a run copied into `dst_dir`; None when the run does not have it."""
+    try:
+        return Path(client().download_artifacts(run_id, path, str(dst_dir)))
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+
+
+def log_artifact_dir(run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    """Upload a directory's files into an existing run (its status is left alone)."""
+    client().log_artifacts(run_id, str(local_dir), artifact_path)

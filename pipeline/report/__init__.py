@@ -1,0 +1,107 @@
+"""The report stage: a study's MLflow runs and Optuna trials → reports/<study>/.
+
+    report.html   self-contained (figures embedded as base64 PNG, inline CSS, no script)
+    report.md     the same text, linking figures/
+    summary.csv   one row per config: mean, std and 95% t-interval over seeds of every test metric
+    figures/      every figure as PNG and PDF
+
+Layout of the package: collect (MLflow + Optuna → pandas), stats (seed intervals), verdict (the
+collapse rule), analysis (per-config tables), figures, importance (Optuna's evaluators),
+sections (text and tables), render (HTML, Markdown).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import paths
+from pipeline.report.analysis import ReportError
+from pipeline.studyspec import StudySpec
+
+__all__ = ["ReportError", "report_stage", "reports_dir"]
+
+
+def _masked(uri: str) -> str:
+    """A URL without its password: the report is shared, the credentials are not."""
+    return re.sub(r"//([^:/@\s]+):[^@\s]*@", r"//\1:***@", uri)
+
+
+def reports_dir() -> Path:
+    return paths.home() / "reports"
+
+
+def _figures():
+    from pipeline.report import figures as F
+    from pipeline.report.importance import param_importances
+
+    return [
+        ("kl_per_dimension", F.kl_heatmap), ("collapse_by_factor", F.collapse_by_factor),
+        ("training_curves", F.training_curves), ("sharpness", F.sharpness), ("images", F.image_panel),
+        ("rate_distortion", F.rate_distortion), ("main_effects", F.main_effects), ("interaction", F.interaction),
+        ("importances", lambda a, out: F.importances(a, out, param_importances)), ("pareto", F.pareto),
+        ("baseline_differences", F.baseline_differences),
+    ]
+
+
+def summary_frame(a):
+    """summary.csv: identity and verdict columns first, then `<metric>.<stat>` for every test metric."""
+    s = a.summary
+    head = ["config", "point", *(f.key for f in a.factors), "latent_dim", "seeds", "n_runs", "verdict",
+            "seed_verdicts", "rank"]
+    if s.empty:
+        return pd.DataFrame(columns=head)  # no finished config yet: the header still says what will come
+    return s[head + [c for c in s.columns if c not in head]].sort_values("rank", kind="stable")
+
+
+def report_stage(spec: StudySpec, storage: str | None = None, out_dir: str | Path | None = None, log=print,
+                 interaction: tuple[str, str] | None = None, log_to_mlflow: bool = True) -> Path:
+    """Write the study's report (see the module docstring) and log it to the study's parent MLflow run.
+
+    Returns the path of report.html. Works on a study that is running, partly failed or not started."""
+    from pipeline.report import render, sections
+    from pipeline.report.analysis import analyze
+    from pipeline.report.collect import collect
+    from pipeline.tracking import log_artifact_dir, tracking_uri
+
+    t0 = time.perf_counter()
+    if interaction is not None and (len(set(interaction)) != 2 or not set(interaction) <= set(spec.factors)):
+        raise ReportError(f"--interaction {' '.join(interaction)}: name two different factors of study "
+                          f"{spec.name!r} ({', '.join(spec.factors)})")
+    out = Path(out_dir) if out_dir else reports_dir() / spec.name
+    fig_dir = out / "figures"
+    shutil.rmtree(fig_dir, ignore_errors=True)  # no stale figure of an earlier, different report
+    fig_dir.mkdir(parents=True, exist_ok=True)
+
+    data = collect(spec, storage)
+    try:
+        a = analyze(data, interaction)
+        log(f"[report] {spec.name}: {len(data.runs)} runs ({len(a.finished)} finished, {len(a.summary)} configs) "
+            f"read in {time.perf_counter() - t0:.1f} s")
+        figs: dict = {}
+        for name, draw in _figures():
+            if a.summary.empty:
+                figs[name] = "No trial has finished yet: nothing to draw."
+                continue
+            try:
+                figs[name] = draw(a, fig_dir)
+            except Exception as e:  # one broken figure must not cost the whole report; it says so instead
+                figs[name] = f"This figure could not be drawn ({type(e).__name__}: {e})."
+                log(f"[report] warning: figure {name} failed: {type(e).__name__}: {e}")
+        storage_desc = f"`{_masked(storage)}`" if storage else f"journal `{paths.runs_dir() / spec.name / 'optuna.journal'}`"
+        doc = sections.document(a, figs, storage_desc, f"`{_masked(tracking_uri())}`")
+        summary_frame(a).to_csv(out / "summary.csv", index=False)
+        html_path, _ = render.write(doc, out)
+    finally:
+        data.close()
+    if log_to_mlflow and data.parent_run_id:
+        log_artifact_dir(data.parent_run_id, out, "report")
+        log(f"[report] logged to the study's MLflow run {data.parent_run_id} (artifacts: report/report.html)")
+    elif log_to_mlflow:
+        log("[report] the study has no parent MLflow run yet: the report is not logged to MLflow")
+    log(f"[report] {html_path} ({time.perf_counter() - t0:.1f} s)")
+    return html_path

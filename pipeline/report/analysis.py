@@ -1,0 +1,130 @@
+"""From the collected tables to what the report states: per-config statistics, verdicts, ranks,
+collapse onsets, the baseline, and which configs the small multiples show."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import PipelineError
+from pipeline.report.collect import Factor, StudyData, baseline_point, config_label
+from pipeline.report.stats import config_summary, pareto_ranks, result_metric_names
+from pipeline.report.verdict import collapse_onset, verdict_of
+from pipeline.studyspec import point_key
+
+MAX_PANELS = 16  # configs in a small-multiple figure; larger studies show a spread of the leaderboard
+COLLAPSE_TARGETS = ("test/active_units", "test/mutual_info")
+
+
+class ReportError(PipelineError, ValueError):
+    """The report cannot be made as asked (e.g. an interaction factor that is not in the study)."""
+
+
+@dataclass
+class Analysis:
+    data: StudyData
+    factors: list[Factor]
+    finished: pd.DataFrame  # FINISHED runs, with their own verdict
+    summary: pd.DataFrame  # one row per config: levels, stats per metric, verdict, rank
+    metrics: list[str]  # test metrics summarized
+    objectives: list[tuple[str, str]]  # (metric, direction)
+    targets: list[str]  # objectives, then active units and MI: what main effects, importances, diffs show
+    interaction: tuple[Factor, Factor] | None
+    baseline: str | None  # point key of the reference config
+    baseline_note: str
+    onsets: dict[str, float | None]  # run_id → collapse onset step
+    shown: list[str]  # point keys of the configs the small multiples show, in summary order
+
+    def factor(self, key: str) -> Factor:
+        return next(f for f in self.factors if f.key == key)
+
+    def config_of(self, point: str) -> pd.Series:
+        return self.summary.loc[self.summary.point == point].iloc[0]
+
+
+def _rank(summary: pd.DataFrame, objectives: list[tuple[str, str]]) -> np.ndarray:
+    """Leaderboard rank: by the objective; with several, by Pareto front, then the first objective."""
+    if summary.empty:
+        return np.array([], dtype=int)
+    values = np.column_stack([summary.get(f"{m}.mean", pd.Series(np.nan, index=summary.index)).to_numpy(float)
+                              for m, _ in objectives])
+    first = values[:, 0] * (1 if objectives[0][1] == "minimize" else -1)
+    first = np.where(np.isfinite(first), first, np.inf)
+    fronts = pareto_ranks(values, [d for _, d in objectives]) if len(objectives) > 1 else np.zeros(len(values))
+    order = np.lexsort((first, fronts))
+    ranks = np.empty(len(order), dtype=int)
+    ranks[order] = np.arange(1, len(order) + 1)
+    return ranks
+
+
+def _seed_verdicts(group: pd.DataFrame) -> str:
+    counts = group.verdict.value_counts()
+    if len(counts) <= 1:
+        return ""
+    return ", ".join(f"{v} in {n}/{len(group)} seeds" for v, n in counts.items())
+
+
+def _shown(summary: pd.DataFrame, limit: int = MAX_PANELS) -> list[str]:
+    if len(summary) <= limit:
+        return list(summary.point)
+    by_rank = summary.sort_values("rank")
+    picks = sorted(set(np.linspace(0, len(by_rank) - 1, limit).round().astype(int)))
+    chosen = set(by_rank.point.iloc[picks])
+    return [p for p in summary.point if p in chosen]
+
+
+def _interaction(factors: list[Factor], chosen: tuple[str, str] | None) -> tuple[Factor, Factor] | None:
+    by_key = {f.key: f for f in factors}
+    if chosen:
+        missing = [k for k in chosen if k not in by_key]
+        if missing or chosen[0] == chosen[1]:
+            raise ReportError(f"interaction factors {list(chosen)}: give two different factors of the study "
+                              f"({', '.join(by_key)})")
+        return by_key[chosen[0]], by_key[chosen[1]]
+    return (factors[0], factors[1]) if len(factors) >= 2 else None
+
+
+def _baseline(data: StudyData, summary: pd.DataFrame) -> tuple[str | None, str]:
+    spec = data.spec
+    point = baseline_point(spec)
+    if point is not None:
+        key = point_key(point)
+        label = config_label(point, data.factors)
+        why = ("the OFAT baseline" if spec.sampler == "ofat" else
+               "the grid's `baseline`" if spec.baseline else "the first point of the grid (the study sets no baseline)")
+        if summary.empty or key not in set(summary.point):
+            return None, f"the reference config {label} ({why}) has no finished run yet, so no differences are shown"
+        return key, f"{label}, {why}"
+    if summary.empty:
+        return None, "no finished config yet"
+    best = summary.sort_values("rank").iloc[0]
+    return best.point, f"{best.config}, the best config by the objective (searches have no design baseline)"
+
+
+def analyze(data: StudyData, interaction: tuple[str, str] | None = None) -> Analysis:
+    spec = data.spec
+    runs = data.runs
+    finished = runs[runs.status == "FINISHED"].copy() if len(runs) else runs.copy()
+    finished["verdict"] = [verdict_of(r) for _, r in finished.iterrows()] if len(finished) else []
+    metrics = result_metric_names(finished) if len(finished) else []
+    objectives = [(o.metric, o.direction) for o in spec.objectives]
+    summary = config_summary(finished, [f.key for f in data.factors], metrics)
+    if not summary.empty:
+        summary["verdict"] = [verdict_of(r, ".mean") for _, r in summary.iterrows()]
+        per_seed = {p: _seed_verdicts(g) for p, g in finished.groupby("point", sort=False)}
+        summary["seed_verdicts"] = summary.point.map(per_seed)
+        summary["rank"] = _rank(summary, objectives)
+    targets = list(dict.fromkeys([m for m, _ in objectives] + list(COLLAPSE_TARGETS)))
+    targets = [t for t in targets if t in metrics]
+    onsets = {}
+    curves = data.curves[data.curves.key == "train/kl"]
+    d_of = dict(zip(runs.run_id, runs.latent_dim)) if len(runs) else {}
+    for run_id, c in curves.groupby("run_id"):
+        onsets[run_id] = collapse_onset(c.step.to_numpy(), c.value.to_numpy(), int(d_of.get(run_id, -1)))
+    analysis = Analysis(data, data.factors, finished, summary, metrics, objectives, targets,
+                        _interaction(data.factors, interaction), None, "", onsets,
+                        _shown(summary) if not summary.empty else [])
+    analysis.baseline, analysis.baseline_note = _baseline(data, summary)
+    return analysis

@@ -1,0 +1,225 @@
+"""The report's text and tables, section by section, around the figures."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import pandas as pd
+
+from pipeline.report import figures as F
+from pipeline.report.analysis import Analysis
+from pipeline.report.collect import STATES, fmt_level
+from pipeline.report.render import Bullets, Document, FigureBlock, Section, Table, Text
+from pipeline.report.stats import INTERVAL_NOTE, welch_difference
+from pipeline.report.verdict import ONSET_RULE, RULE
+
+
+def mean_ci(row: pd.Series, metric: str) -> str:
+    mean = row.get(f"{metric}.mean", math.nan)
+    if mean is None or not np.isfinite(mean):
+        return "–"
+    lo, hi = row.get(f"{metric}.ci95_low", math.nan), row.get(f"{metric}.ci95_high", math.nan)
+    if not np.isfinite(lo):
+        return f"{mean:.4g}"
+    return f"{mean:.4g} [{lo:.4g}, {hi:.4g}]"
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "–"
+    h, rem = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rem, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def _factor_table(a: Analysis) -> Table:
+    spec = a.data.spec
+    rows = []
+    for f in a.factors:
+        levels = spec.space[f.key]
+        shown = ", ".join(fmt_level(v) for v in f.levels) if f.kind != "continuous" else (
+            f"{levels.low:g} … {levels.high:g}" + (" (log)" if levels.log else "") + (f", step {levels.step:g}" if levels.step else ""))
+        rows.append({"factor": f.key, "label": f.label, "kind": f.kind, "levels": shown,
+                     **({"baseline": fmt_level(spec.baseline.get(f.key, "–"))} if spec.baseline else {})})
+    return Table(pd.DataFrame(rows), "The study's factors and their levels (numeric levels ascending).")
+
+
+def _state_table(a: Analysis) -> Table:
+    trials = a.data.trials
+    counts = {s: int((trials.state == s).sum()) if len(trials) else 0 for s in STATES}
+    expected = len(trials)
+    row = {"trials": expected, **counts}
+    return Table(pd.DataFrame([row]), "Logical trials (a config and a seed for grid/OFAT; a drawn config for "
+                                      "searches) by state, from the Optuna storage (else MLflow).")
+
+
+def _missing_table(a: Analysis) -> Table | None:
+    trials = a.data.trials
+    if trials.empty:
+        return None
+    todo = trials[trials.state != "complete"].copy()
+    if todo.empty:
+        return None
+    explain = {"missing": "not started yet", "running": "running (or its worker died: rerunning the study resumes it)",
+               "failed": "failed", "pruned": "pruned by the search"}
+    from pipeline.study import DONE_FAILURES
+
+    def what(state: str, reason) -> str:
+        if not (isinstance(reason, str) and reason):
+            return explain[state]
+        retried = state == "failed" and reason not in DONE_FAILURES
+        return f"{explain[state]}: {reason}" + ("; the same study command retries it" if retried else "")
+
+    todo["what"] = [what(s, r) for s, r in zip(todo.state, todo.reason)]
+    todo = todo[["trial", "seed", "config", "state", "what"]]
+    return Table(todo.reset_index(drop=True), "Trials without final results: what the report is missing and why.")
+
+
+def _leaderboard(a: Analysis) -> Table:
+    s = a.summary.sort_values("rank")
+    cols = {"rank": s["rank"], "config": s.config, "verdict": s.verdict}
+    for m, d in a.objectives:
+        cols[f"{m} ({'↓' if d == 'minimize' else '↑'})"] = [mean_ci(r, m) for _, r in s.iterrows()]
+    cols["seeds"] = s.n_runs
+    df = pd.DataFrame(cols)
+    multi = " Several objectives: ranked by Pareto front, then by the first." if len(a.objectives) > 1 else ""
+    return Table(df.reset_index(drop=True), f"Leaderboard: each config's objective(s), mean over seeds [95% t-interval]."
+                                            f"{multi} Only finished runs count.")
+
+
+def overview(a: Analysis, figs: dict) -> Section:
+    spec = a.data.spec
+    runs = a.data.runs
+    blocks: list = []
+    if spec.description.strip():
+        blocks.append(Text(spec.description.strip()))
+    blocks.append(Text(f"Sampler **{spec.sampler}** on **{spec.dataset}**; seeds {', '.join(map(str, spec.seeds))}; "
+                       "objective(s): " + ", ".join(f"{d} `{m}`" for m, d in a.objectives) + "."))
+    blocks.append(_factor_table(a))
+    blocks.append(_state_table(a))
+    if np.isfinite(a.data.compute_seconds):
+        total = (f"**{_duration(a.data.compute_seconds)}**, summed over every Optuna trial attempt from its start to its "
+                 "end (training and evaluation; failed and resumed attempts count; a running one until now)")
+    else:
+        total = (f"**{_duration(float(runs.duration_s.sum()) if len(runs) else math.nan)}**, summed over the MLflow "
+                 "runs' start-to-end times")
+    blocks.append(Text("No trial has started yet." if runs.empty and not a.data.compute_seconds else
+                       f"Total compute time: {total}."))
+    missing = _missing_table(a)
+    if missing is not None:
+        blocks.append(Text("**This study is not complete**: the figures and tables below use finished runs only."))
+        blocks.append(missing)
+    if a.data.notes:
+        blocks.append(Bullets(a.data.notes))
+    if a.summary.empty:
+        blocks.append(Text("No trial has finished yet, so there is nothing to rank or plot."))
+    else:
+        blocks.append(_leaderboard(a))
+    return Section("Overview", blocks)
+
+
+def _verdict_table(a: Analysis) -> Table:
+    rows = []
+    for _, r in a.summary.iterrows():
+        runs = a.finished[a.finished.point == r.point].sort_values("seed")
+        onsets = [a.onsets.get(rid) for rid in runs.run_id]
+        onset = ", ".join("–" if o is None else f"{o:.0f}" for o in onsets) if any(o is not None for o in onsets) else "–"
+        d = int(r.latent_dim)
+        informative = d - r.get("test/collapsed_dims.mean", math.nan)
+        rows.append({"config": r.config, "verdict": r.verdict, "seeds disagree": r.seed_verdicts or "–",
+                     "d": d, "active units": mean_ci(r, "test/active_units"),
+                     "dims with KL ≥ 0.01": f"{informative:.3g}" if np.isfinite(informative) else "–",
+                     "I(x;z) (nats)": mean_ci(r, "test/mutual_info"),
+                     "z-usage gap (nats)": mean_ci(r, "test/z_usage_gap"),
+                     "onset (step, per seed)": onset})
+    return Table(pd.DataFrame(rows), "Collapse verdict per config with the measures it rests on (means over seeds "
+                                     "[95% t-interval]) and the collapse onset of each seed's run.")
+
+
+def _figure(figs: dict, name: str, title: str) -> FigureBlock:
+    result = figs.get(name)
+    if isinstance(result, F.Figure):
+        return FigureBlock(result, title=title)
+    return FigureBlock(None, missing=result or "Not drawn.", title=title)
+
+
+def collapse(a: Analysis, figs: dict) -> Section:
+    blocks: list = [Text("**The rule.** " + RULE), Text(ONSET_RULE)]
+    if not a.summary.empty:
+        blocks.append(_verdict_table(a))
+    blocks += [_figure(figs, "kl_per_dimension", "KL per dimension"),
+               _figure(figs, "collapse_by_factor", "Active units and mutual information by factor"),
+               _figure(figs, "training_curves", "Training curves and collapse onset")]
+    return Section("Collapse", blocks)
+
+
+def sharpness(a: Analysis, figs: dict) -> Section:
+    return Section("Sharpness", [
+        Text("Blur is measured on reconstructions and on prior samples, each relative to the real test images, so "
+             "1.0 means as sharp as the data (DESIGN.md §4; Pech-Pacheco et al. 2000, Krotkov 1987)."),
+        _figure(figs, "sharpness", "Sharpness ratios"),
+        _figure(figs, "images", "Data, reconstructions and samples"),
+    ])
+
+
+def _baseline_table(a: Analysis) -> Table | None:
+    if a.baseline is None:
+        return None
+    base = a.finished[a.finished.point == a.baseline]
+    rows = []
+    for _, cfg in a.summary[a.summary.point != a.baseline].iterrows():
+        runs = a.finished[a.finished.point == cfg.point]
+        row = {"config": cfg.config, "seeds": f"{len(runs)} vs {len(base)}"}
+        for t in a.targets:
+            diff, lo, hi = welch_difference(runs[t].to_numpy(float), base[t].to_numpy(float))
+            row[f"Δ {t}"] = "–" if not np.isfinite(diff) else (f"{diff:+.4g}" if not np.isfinite(lo) else
+                                                              f"{diff:+.4g} [{lo:+.4g}, {hi:+.4g}]")
+        rows.append(row)
+    if not rows:
+        return None
+    return Table(pd.DataFrame(rows), f"Config minus reference ({a.baseline_note}), mean over seeds [95% Welch "
+                                     "interval]; no interval when either side has fewer than two seeds.")
+
+
+def tradeoffs(a: Analysis, figs: dict) -> Section:
+    blocks: list = [
+        _figure(figs, "rate_distortion", "Rate–distortion plane"),
+        _figure(figs, "main_effects", "Main effects"),
+        _figure(figs, "interaction", "Interaction"),
+        _figure(figs, "importances", "Hyperparameter importances"),
+        _figure(figs, "pareto", "Pareto front"),
+        _figure(figs, "baseline_differences", "Differences against the reference config"),
+    ]
+    table = _baseline_table(a)
+    if table is not None:
+        blocks.append(table)
+    return Section("Trade-offs", blocks)
+
+
+def about(a: Analysis, storage_desc: str, tracking_desc: str, seconds: float | None = None) -> Section:
+    return Section("About this report", [
+        Text(INTERVAL_NOTE),
+        Bullets([
+            "`summary.csv`: one row per config (finished runs grouped by the `point` tag): its levels, verdict and "
+            "rank, and for every test metric `<metric>.mean`, `.std` (sample, n−1), `.ci95_low`, `.ci95_high` "
+            "(Student-t, n−1 dof) and `.n` (seeds with a value). Evaluation settings (k, batch sizes) are left out.",
+            "`figures/`: every figure as PNG (embedded here) and PDF.",
+            f"Data: MLflow {tracking_desc} (experiment `{a.data.spec.name}`), Optuna {storage_desc}.",
+            "Regenerate: `make report STUDY=<study file>` or `python -m pipeline report <study file>`.",
+        ]),
+        Text(f"Generated {dt.datetime.fromtimestamp(a.data.collected_at, dt.UTC):%Y-%m-%d %H:%M} UTC"
+             + (f" in {seconds:.1f} s." if seconds else ".")),
+    ])
+
+
+def document(a: Analysis, figs: dict, storage_desc: str, tracking_desc: str) -> Document:
+    spec = a.data.spec
+    n_done = int((a.data.trials.state == "complete").sum()) if len(a.data.trials) else 0
+    subtitle = (f"Ablation report of study `{spec.name}`: {len(a.summary)} configs with finished runs, "
+                f"{n_done}/{len(a.data.trials)} trials complete.")
+    return Document(f"Study report: {spec.name}", subtitle, [
+        overview(a, figs), collapse(a, figs), sharpness(a, figs), tradeoffs(a, figs),
+        about(a, storage_desc, tracking_desc),
+    ])
