@@ -210,24 +210,15 @@ def _cmd_workers(args) -> int:
 
 
 def _cmd_dashboard(args) -> int:
-    import os
-    import shutil
-
-    from pipeline.study import study_dir
+    from pipeline.study import masked, serve_dashboard, study_dir
     from pipeline.studyspec import load_study
 
     spec = load_study(args.study)
-    storage = _storage(args) or str(study_dir(spec) / "optuna.journal")
-    if "://" in storage:
-        from pipeline.services import use_pgpass
-
-        use_pgpass()  # inherited by optuna-dashboard
-    exe = shutil.which("optuna-dashboard") or os.path.join(os.path.dirname(sys.executable), "optuna-dashboard")
-    from pipeline.study import masked
-
-    print(f"[dashboard] http://127.0.0.1:{args.port}  (storage: {masked(storage)})", flush=True)
-    os.execv(exe, [exe, storage, "--host", "127.0.0.1", "--port", str(args.port), "--server", "wsgiref"])
-    return 0  # not reached
+    storage = _storage(args)
+    shown = masked(storage) if storage else str(study_dir(spec) / "optuna.journal")
+    print(f"[dashboard] http://127.0.0.1:{args.port}  (storage: {shown}; Ctrl-C stops it)", flush=True)
+    serve_dashboard(spec, storage, args.port)
+    return 0
 
 
 def _cmd_status(args) -> int:

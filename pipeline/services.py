@@ -168,8 +168,8 @@ def _write_pgpass(pg: Postgres, password: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        for host in ("127.0.0.1", "localhost"):
-            f.write(f"{host}:{pg.port}:*:{PG_USER}:{password}\n")
+        for host in ("127.0.0.1", "localhost"):  # any port: the cluster may be restarted on another
+            f.write(f"{host}:*:*:{PG_USER}:{password}\n")
 
 
 def _create_databases(pg: Postgres) -> None:
@@ -184,6 +184,10 @@ def _create_databases(pg: Postgres) -> None:
             for db in PG_DATABASES:
                 if db not in have:
                     conn.execute(f'CREATE DATABASE "{db}"')
+    except psycopg.Error as e:
+        raise ServiceError(f"cannot create the databases on 127.0.0.1:{pg.port} as {PG_USER}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}\n"
+                           f"  is another PostgreSQL on that port? VAE_PG_PORT chooses another") from None
     finally:
         if env_before is None:
             os.environ.pop("PGPASSFILE", None)
@@ -225,6 +229,9 @@ def start_server(port: int | None = None, host: str = "127.0.0.1", pg_port: int 
     port = port or int(os.environ.get("VAE_MLFLOW_PORT", DEFAULT_MLFLOW_PORT))
     url = server_url(port)
     if _healthy(url):
+        if _our_server_pid() is None:
+            raise ServiceError(f"something else already answers on {url} (make ui?); stop it, or choose another "
+                               "port with VAE_MLFLOW_PORT")
         log(f"[server] already running: {url}")
         return url
     pg = postgres(pg_port)
@@ -255,12 +262,22 @@ def start_server(port: int | None = None, host: str = "127.0.0.1", pg_port: int 
                        f"another); its log {log_path} ends:\n{tail}")
 
 
+def _our_server_pid() -> int | None:
+    """The pid in our pid file if that process is still our `mlflow server` (pids get reused)."""
+    try:
+        pid = int(_server_pidfile().read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if b"mlflow" in cmdline and b"server" in cmdline else None
+
+
 def stop_server(log=print) -> None:
     pidfile = _server_pidfile()
-    try:
-        pid = int(pidfile.read_text())
-    except (OSError, ValueError):
-        log("[server] not running (no pid file)")
+    pid = _our_server_pid()
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        log("[server] not running")
         return
     try:
         os.killpg(pid, signal.SIGTERM)  # the server and its uvicorn/gunicorn workers

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
@@ -98,7 +99,8 @@ def _engine_kwargs(url: str) -> dict:
 
 def masked(text: str) -> str:
     """A URL (or a message holding one) with its password replaced by ***."""
-    return re.sub(r"(//[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
+    text = re.sub(r"(//[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", text)
 
 
 def open_study(spec: StudySpec, storage=None) -> optuna.Study:
@@ -120,8 +122,29 @@ def open_study(spec: StudySpec, storage=None) -> optuna.Study:
 # A claimed trial carries its worker (host, pid) and a heartbeat time as system attributes, in the
 # study's own storage: a journal file on a shared filesystem or a database both reach every machine.
 # On the worker's own host the pid answers at once; elsewhere the heartbeat must be recent.
+def _host_key() -> str:
+    """This host as pids are meaningful on it: host name, boot and pid namespace (containers that
+    share a host name, or a container restarted under the same name, do not share pids)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, pidns = "?", 0
+    return f"{socket.gethostname()}/{boot}/{pidns}"
+
+
+def _proc_start(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): with the pid, an identity that is not reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else int(fields[19])  # a zombie has exited
+
+
 def _worker_id() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    return {"host": _host_key(), "pid": os.getpid(), "start": _proc_start(os.getpid())}
 
 
 class Heartbeat(threading.Thread):
@@ -158,12 +181,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def worker_alive(trial: optuna.trial.FrozenTrial, stale_after: float = STALE_AFTER_S) -> bool:
-    """Is the worker holding this RUNNING trial alive? Same host: its pid; other hosts: a fresh heartbeat."""
+    """Is the worker holding this RUNNING trial alive? Same host: that very process (pid and start
+    time) still runs; other hosts: its heartbeat is fresh (clocks are assumed within a few seconds)."""
     worker = trial.system_attrs.get("worker")
     if not worker:
         return False
-    if worker.get("host") == socket.gethostname():
-        return _pid_alive(int(worker["pid"]))
+    if worker.get("host") == _host_key():
+        pid = int(worker["pid"])
+        if not _pid_alive(pid):
+            return False
+        if not Path("/proc").is_dir():  # no procfs: the pid alone
+            return True
+        started = _proc_start(pid)
+        return started is not None and started == worker.get("start", started)
     return time.time() - float(trial.system_attrs.get("heartbeat", 0)) < stale_after
 
 
@@ -172,6 +202,7 @@ def _claim_lock(spec: StudySpec, study: optuna.Study):
     """Claims are serialized: across machines by a PostgreSQL advisory lock when the storage is
     PostgreSQL, else by a file lock in the study directory (one machine, or a shared filesystem)."""
     storage = study._storage
+    storage = getattr(storage, "_backend", storage)  # RDB storages come wrapped in Optuna's cache
     engine = getattr(storage, "engine", None)
     if engine is not None and engine.dialect.name == "postgresql":
         import sqlalchemy
@@ -185,7 +216,10 @@ def _claim_lock(spec: StudySpec, study: optuna.Study):
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 conn.commit()
         return
-    with _locked(study_dir(spec) / "claim.lock"):
+    # A journal elsewhere (--storage /shared/x.journal) is locked next to itself, for every machine.
+    journal = getattr(getattr(storage, "_backend", None), "_file_path", None)
+    lock = Path(journal + ".lock") if journal and not Path(journal).is_relative_to(study_dir(spec)) else None
+    with _locked(lock or study_dir(spec) / "claim.lock"):
         yield
 
 
@@ -256,6 +290,10 @@ def scan(study: optuna.Study, spec: StudySpec, total: int, reap: bool = True) ->
     for t in study.get_trials(deepcopy=False):
         idx = t.user_attrs.get("trial_index")
         if idx is None:
+            # Asked for, but its worker died before labelling it: nothing ran; retire it.
+            if reap and t.state == TrialState.RUNNING and not worker_alive(t):
+                study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "worker_died")
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             continue
         seen.add(idx)
         reason = t.user_attrs.get("failure_reason")
@@ -440,10 +478,19 @@ def run_trial(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, runs: l
         log(f"[study {spec.name}] trial #{index} pruned after epoch {e.epoch}")
         study.tell(trial, state=TrialState.PRUNED)
         return "pruned"
+    except UpdateFinishedTrialError:
+        # Another worker declared this one dead (no heartbeat reached the storage for too long) and
+        # took the trial over; what this worker did is in the run directory the new attempt resumes.
+        log(f"[study {spec.name}] trial #{index} was taken over by another worker; leaving it")
+        return "taken_over"
     except Exception as e:  # the study goes on; the trial's MLflow run already says FAILED and why
-        trial.set_user_attr("failure_reason", f"error: {type(e).__name__}: {e}"[:500])
-        study.tell(trial, state=TrialState.FAIL)
-        log(f"[study {spec.name}] trial #{index} failed: {type(e).__name__}: {e}")
+        reason = masked(f"error: {type(e).__name__}: {e}")[:500]
+        log(f"[study {spec.name}] trial #{index} failed: {masked(f'{type(e).__name__}: {e}')}")
+        try:
+            trial.set_user_attr("failure_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            pass
         return "error"
     finally:
         heartbeat.stop()
@@ -535,6 +582,14 @@ def status_rows(spec: StudySpec, storage: str | None = None) -> list[dict]:
     return rows
 
 
+def serve_dashboard(spec: StudySpec, storage: str | None, port: int) -> None:
+    """optuna-dashboard on 127.0.0.1, in this process and on the storage object opened here, so a
+    storage URL (and any password in it) never lands on a command line."""
+    from optuna_dashboard import run_server
+
+    run_server(open_storage(spec, storage), host="127.0.0.1", port=port)
+
+
 def launch_workers(study_file: str, n: int, storage: str | None = None, per_gpu: int = 1, log=print) -> int:
     """Run `n` worker processes on one study and wait for them; returns the number that failed.
 
@@ -562,4 +617,8 @@ def launch_workers(study_file: str, n: int, storage: str | None = None, per_gpu:
         where = f"GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus > 1 else ("GPU 0" if gpus else f"{threads} CPU threads")
         log(f"[workers] worker {i + 1}/{n} started (pid {procs[-1].pid}, {where})")
         time.sleep(1.0)  # staggered: the first worker creates the study and the MLflow store
-    return sum(p.wait() != 0 for p in procs)
+    # Reap each worker as it exits, not in order: an unreaped dead worker is a zombie whose pid
+    # still answers, and the others would wait for its trial forever.
+    while any(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    return sum(p.returncode != 0 for p in procs)

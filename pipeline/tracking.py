@@ -62,9 +62,12 @@ def check_reachable(timeout: float = 5.0) -> None:
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
+        from urllib.parse import urlsplit, urlunsplit
 
+        parts = urlsplit(uri)  # credentials go in MLFLOW_TRACKING_USERNAME/PASSWORD, not the URL
+        health = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            with urllib.request.urlopen(health, timeout=timeout) as r:
                 if r.status == 200:
                     return
                 reason = f"HTTP {r.status}"

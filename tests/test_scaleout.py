@@ -173,3 +173,33 @@ def test_an_unreachable_tracking_server_is_one_clear_error_before_any_training(b
     assert "cannot reach the MLflow tracking server" in out.stderr and f"127.0.0.1:{port}" in out.stderr
     assert "hunter2" not in out.stdout + out.stderr
     assert not (bare_home / "runs" / "demo" / "trials").exists()  # nothing trained
+
+
+def test_claims_on_postgres_hold_an_advisory_lock_that_other_machines_see(servers, monkeypatch):
+    import psycopg
+
+    from pipeline.study import _claim_lock, open_storage, open_study
+    from pipeline.studyspec import parse_study
+
+    monkeypatch.setenv("VAE_PIPELINE_HOME", str(servers["home"]))
+    monkeypatch.setenv("PGPASSFILE", str(servers["pgpass"]))
+    spec = parse_study({"name": "locking", "space": {"objective.beta": [1]},
+                        "objectives": [{"metric": "test/iwae_nll", "direction": "minimize"}]})
+    study = open_study(spec, open_storage(spec, servers["storage"]))
+
+    def advisory_locks() -> int:
+        with psycopg.connect(host="127.0.0.1", port=servers["pg"].port, user="vae", dbname="optuna") as conn:
+            return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchone()[0]
+
+    assert advisory_locks() == 0
+    with _claim_lock(spec, study):
+        assert advisory_locks() == 1  # held in the database, not in a file of this machine
+    assert advisory_locks() == 0
+
+
+def test_masking_hides_passwords_in_urls_and_query_strings():
+    from pipeline.study import masked
+
+    assert masked("postgresql+psycopg://vae:pa55@db:5432/optuna") == "postgresql+psycopg://vae:***@db:5432/optuna"
+    assert masked("host=db password=pa55 user=vae") == "host=db password=*** user=vae"
+    assert masked("postgresql://db/optuna?user=vae&password=pa55&sslmode=require").endswith("password=***&sslmode=require")

@@ -376,3 +376,30 @@ def test_the_dashboard_serves_the_study_on_loopback(home):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_dead_or_zombie_worker_is_dead_and_a_reused_pid_is_not_its_worker():
+    import optuna
+
+    from pipeline.study import _host_key, _proc_start, _worker_id, worker_alive
+
+    def trial_held_by(worker: dict):
+        return optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, system_attrs={"worker": worker})
+
+    assert worker_alive(trial_held_by(_worker_id()))  # this very process
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while _proc_start(child.pid) is not None and time.time() < deadline:  # exited, not yet reaped: a zombie
+        time.sleep(0.05)
+    zombie = {"host": _host_key(), "pid": child.pid, "start": 1}
+    assert not worker_alive(trial_held_by(zombie))
+    child.wait()
+    assert not worker_alive(trial_held_by(zombie))  # reaped: gone
+    me = _worker_id()
+    assert not worker_alive(trial_held_by({**me, "start": me["start"] - 1}))  # same pid, another process
+    remote = {"host": "elsewhere/x/1", "pid": 1, "start": 1}
+    fresh = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,
+                                      system_attrs={"worker": remote, "heartbeat": time.time()})
+    stale = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,
+                                      system_attrs={"worker": remote, "heartbeat": time.time() - 120})
+    assert worker_alive(fresh) and not worker_alive(stale)

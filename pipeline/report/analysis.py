@@ -107,6 +107,10 @@ def analyze(data: StudyData, interaction: tuple[str, str] | None = None) -> Anal
     spec = data.spec
     runs = data.runs
     finished = runs[runs.status == "FINISHED"].copy() if len(runs) else runs.copy()
+    if len(finished):
+        # A search may draw the same categorical point twice: its (point, seed) runs are replicates of
+        # one training, not extra seeds, and counting both would shrink the interval. Keep the latest.
+        finished = finished.drop_duplicates(["point", "seed"], keep="last")
     finished["verdict"] = [verdict_of(r) for _, r in finished.iterrows()] if len(finished) else []
     metrics = result_metric_names(finished) if len(finished) else []
     objectives = [(o.metric, o.direction) for o in spec.objectives]
