@@ -322,7 +322,7 @@ def scan(study: optuna.Study, spec: StudySpec, total: int, reap: bool = True) ->
 
 def claim(study: optuna.Study, spec: StudySpec, trials: list[TrialSpec] | None,
           skip: set[int] = frozenset()) -> tuple[optuna.Trial, list[TrialSpec]] | None:
-    """Atomically (on this machine) take the next open logical trial; None when none is left.
+    """Atomically (under the claim lock) take the next open logical trial; None when none is left.
 
     Fixed designs (`trials` given): the first index neither done nor held by a live worker. Searches:
     first an index whose attempt failed (its point enqueued again, so its run directories and MLflow
