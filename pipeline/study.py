@@ -217,7 +217,7 @@ def _claim_lock(spec: StudySpec, study: optuna.Study):
                 conn.commit()
         return
     # A journal elsewhere (--storage /shared/x.journal) is locked next to itself, for every machine.
-    journal = getattr(getattr(storage, "_backend", None), "_file_path", None)
+    journal = getattr(storage, "_file_path", None)  # storage is the journal backend here
     lock = Path(journal + ".lock") if journal and not Path(journal).is_relative_to(study_dir(spec)) else None
     with _locked(lock or study_dir(spec) / "claim.lock"):
         yield

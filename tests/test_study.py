@@ -403,3 +403,17 @@ def test_a_dead_or_zombie_worker_is_dead_and_a_reused_pid_is_not_its_worker():
     stale = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,
                                       system_attrs={"worker": remote, "heartbeat": time.time() - 120})
     assert worker_alive(fresh) and not worker_alive(stale)
+
+
+def test_a_journal_outside_the_study_directory_is_locked_next_to_itself(home, tmp_path):
+    from pipeline.study import _claim_lock, open_storage, open_study, study_dir
+    from pipeline.studyspec import load_study
+
+    spec = load_study(_write_study(home, "shared", {"objective.beta": [1]}))
+    shared = tmp_path / "shared_fs" / "study.journal"
+    shared.parent.mkdir()
+    with _claim_lock(spec, open_study(spec, open_storage(spec, str(shared)))):
+        pass
+    # Every machine that mounts the journal sees this lock; a lock in the local runs/ would not be shared.
+    assert (shared.parent / "study.journal.lock").exists()
+    assert not (study_dir(spec) / "claim.lock").exists()
