@@ -444,15 +444,22 @@ def run_trial(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, runs: l
             if on_epoch and (run_dir / "result.json").exists():
                 for row in epoch_history(run_dir):  # a finished seed of a resumed trial: the pruner sees it again
                     on_epoch(row)
+            if not (run_dir / "run.json").exists():
+                _retire_orphan_runs(study, index, ts.seed, log)
+
+            def on_run(run_id: str, seed: int = ts.seed) -> None:
+                # Recorded as soon as the run exists, so a takeover elsewhere can find it.
+                run_ids[str(seed)] = run_id
+                trial.set_user_attr("mlflow_run_ids", dict(run_ids))
+                trial.set_user_attr("mlflow_run_id", run_ids.get(str(runs[0].seed), run_id))
+
             result = train_stage(
-                cfg, run_dir, log=log, progress=False, parent_run_id=parent_run_id, on_epoch=on_epoch,
+                cfg, run_dir, log=log, progress=False, parent_run_id=parent_run_id, on_epoch=on_epoch, on_run=on_run,
                 extra_tags={"study": spec.name, "trial": str(index), "optuna_trial": str(trial.number),
                             "seed": str(ts.seed), "point": point_key(point)},
             )
-            if result.run_id:
-                run_ids[str(ts.seed)] = result.run_id
-                trial.set_user_attr("mlflow_run_ids", run_ids)
-                trial.set_user_attr("mlflow_run_id", run_ids[str(runs[0].seed)])
+            if result.run_id:  # also a finished run that train_stage skipped without attaching to it
+                on_run(result.run_id)
             trial.set_user_attr("run_dirs", [str(trial_run_dir(spec, r)) for r in runs])
             if result.status == "pruned":
                 raise StopEarly(result.epochs_done)
@@ -494,6 +501,31 @@ def run_trial(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, runs: l
         return "error"
     finally:
         heartbeat.stop()
+
+
+def _retire_orphan_runs(study: optuna.Study, index: int, seed: int, log=print) -> None:
+    """End the MLflow runs of earlier attempts of (index, seed) that a dead worker left RUNNING where
+    this worker cannot see their run directory (another machine, no shared filesystem): this attempt
+    starts over in a new run, and the old one says why it stopped."""
+    old = {t.user_attrs.get("mlflow_run_ids", {}).get(str(seed)) for t in study.get_trials(deepcopy=False)
+           if t.user_attrs.get("trial_index") == index and t.state == TrialState.FAIL}
+    old.discard(None)
+    if not old:
+        return
+    from pipeline.tracking import client
+
+    c = client()
+    for run_id in old:
+        try:
+            if c.get_run(run_id).info.status != "RUNNING":
+                continue
+            c.set_tag(run_id, "failure_reason", "worker_died")
+            c.set_tag(run_id, "superseded", "true")
+            c.set_terminated(run_id, status="KILLED")
+            log(f"[study] MLflow run {run_id} of trial #{index} (seed {seed}) was left RUNNING by a dead worker and "
+                "its checkpoint is not here: marked KILLED; this attempt starts a new run")
+        except Exception as e:  # a run in another store, or gone: nothing to retire
+            log(f"[study] could not retire MLflow run {run_id}: {type(e).__name__}")
 
 
 def _short(v) -> str:

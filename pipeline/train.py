@@ -414,12 +414,14 @@ def train_stage(
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     on_epoch=None,
+    on_run=None,
 ) -> TrainResult:
     """Train one config, cached and resumable.
 
     mode: ``auto`` skips a finished run and resumes an interrupted one; ``resume`` insists on a
     checkpoint to resume; ``restart`` discards what the run directory holds. ``on_epoch``: see
-    ``fit``; a run it stops ends with status ``pruned`` (final, like ``diverged``).
+    ``fit``; a run it stops ends with status ``pruned`` (final, like ``diverged``). ``on_run(run_id)``
+    is called once the MLflow run is attached, before any training (a study records it at once).
     """
     if mode not in ("auto", "resume", "restart"):
         raise ValueError(f"mode={mode!r} is not one of: auto, resume, restart")
@@ -456,6 +458,8 @@ def train_stage(
     info = _read_json(info_path) or {}
     sink = _open_sink(cfg, info.get("run_id"), parent_run_id)
     atomic_write_json({"run_id": sink.run_id, "config_hash": cfg.result_hash()}, info_path)
+    if on_run and sink.run_id:
+        on_run(sink.run_id)
     device = resolve_device(cfg.train.device)
     if info.get("run_id") and sink.run_id != info["run_id"] and cfg.tracking.enabled:
         # The run this directory belongs to is not in the current store (another MLFLOW_TRACKING_URI,

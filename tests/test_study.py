@@ -417,3 +417,30 @@ def test_a_journal_outside_the_study_directory_is_locked_next_to_itself(home, tm
     # Every machine that mounts the journal sees this lock; a lock in the local runs/ would not be shared.
     assert (shared.parent / "study.journal.lock").exists()
     assert not (study_dir(spec) / "claim.lock").exists()
+
+
+def test_a_takeover_without_the_run_directory_retires_the_dead_attempts_mlflow_run(home):
+    """Another machine died holding trial 0 and its run directory is not here (no shared filesystem):
+    its MLflow run must not stay RUNNING forever next to the new attempt's run."""
+    import optuna
+
+    from pipeline.study import open_storage, open_study, run_study
+    from pipeline.studyspec import load_study
+    from pipeline.tracking import MlflowRun, client
+
+    spec = load_study(_write_study(home, "orphan", {"objective.beta": [1]}))
+    study = open_study(spec, open_storage(spec, None))
+    orphan = MlflowRun("orphan", run_name="from another machine", tags={"study": "orphan", "trial": "0"})
+    study.enqueue_trial({"objective.beta": 1, "seed": 0}, user_attrs={"trial_index": 0})
+    dead = study.ask()
+    dead.set_user_attr("mlflow_run_ids", {"0": orphan.run_id})
+    study._storage.set_trial_system_attr(dead._trial_id, "worker", {"host": "elsewhere/x/1", "pid": 1, "start": 1})
+    study._storage.set_trial_system_attr(dead._trial_id, "heartbeat", time.time() - 600)
+
+    assert run_study(spec, log=lambda *_: None).done == {0}
+    old = client().get_run(orphan.run_id)
+    assert old.info.status == "KILLED" and old.data.tags["failure_reason"] == "worker_died"
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    new_run = trials[1].user_attrs["mlflow_run_id"]
+    assert new_run != orphan.run_id and client().get_run(new_run).info.status == "FINISHED"
