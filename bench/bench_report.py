@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchlib import machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -151,25 +151,6 @@ def synthesize(study_file: Path, log=print) -> None:
     (HOME / "complete.json").write_text(json.dumps({"study": STUDY, "seconds": time.perf_counter() - t0}))
 
 
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}"
-
-
-def _write_section(out: Path, lines: list[str]) -> None:
-    """Replace this benchmark's section of RESULTS.md (bench_train.py rewrites the rest), or append it."""
-    text = out.read_text() if out.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    body = "\n".join(lines).rstrip() + "\n"
-    text = pattern.sub(body + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + body
-    out.write_text(text.rstrip() + "\n")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2)
@@ -226,7 +207,7 @@ def main() -> int:
         SECTION,
         "",
         f"Produced by `python bench/bench_report.py --repeats {args.repeats}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {_machine()}.",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}.",
         "",
         "`python -m pipeline report` on a study of 100 trials (β 5 levels × likelihood 2 × decoder depth 2 × 5 "
         f"seeds = 20 configs), each an MLflow run holding {EPOCHS * STEPS_PER_EPOCH:,} steps of `train/kl` and "
@@ -246,7 +227,7 @@ def main() -> int:
         f"directory holds {size_mb:.1f} MB (HTML with embedded figures, PDFs, CSV).",
         "",
     ]
-    _write_section(Path(args.out), lines)
+    write_section(Path(args.out), SECTION, lines)
     print("\n".join(lines))
     return 0  # the verdict is in RESULTS.md, like bench_train.py's
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import socket
 import sys
 import tempfile
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 
 import yaml
+from benchlib import machine, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Study throughput: workers on PostgreSQL + MLflow server, CPU"
@@ -52,26 +51,6 @@ def _run(home: Path, name: str, workers: int, storage: str | None) -> float:
     if failed:
         raise SystemExit(f"{failed} worker(s) of {name} failed")
     return wall
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}"
-
-
-def _write_section(out: Path, lines: list[str]) -> None:
-    text = out.read_text() if out.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    body = "\n".join(lines).rstrip() + "\n"
-    text = pattern.sub(body + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + body
-    out.write_text(text.rstrip() + "\n")
 
 
 def main() -> int:
@@ -108,7 +87,7 @@ def main() -> int:
     lines = [
         SECTION,
         "",
-        f"Machine: {_machine()}. `python bench/bench_study.py` (part of `make bench`); one run per row,",
+        f"Machine: {machine()}. `python bench/bench_study.py` (part of `make bench`); one run per row,",
         f"measured in one session. Study: grid of {n_trials} trials (MLP, {BASE['data.train_subset']:,} training images,",
         f"{BASE['train.epochs']} epochs, evaluation on {BASE['eval.test_subset']:,} test images with k = {BASE['eval.iwae_k']}),",
         "every per-step metric stored. Wall time from the first worker's start to the last worker's exit.",
@@ -126,7 +105,7 @@ def main() -> int:
         "workers than cores cannot add throughput; the rows measure the engines' overhead and how the",
         "claims, heartbeats and tracking server hold up under concurrency. On GPUs, one worker per GPU.",
     ]
-    _write_section(Path(args.out), lines)
+    write_section(Path(args.out), SECTION, lines)
     print("\n".join(lines))
     return 0
 
