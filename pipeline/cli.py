@@ -210,7 +210,8 @@ def _cmd_workers(args) -> int:
 
 
 def _cmd_dashboard(args) -> int:
-    from pipeline.study import masked, serve_dashboard, study_dir
+    from pipeline.errors import masked
+    from pipeline.study import serve_dashboard, study_dir
     from pipeline.studyspec import load_study
 
     spec = load_study(args.study)

@@ -25,7 +25,6 @@ import fcntl
 import json
 import math
 import os
-import re
 import socket
 import threading
 import time
@@ -40,7 +39,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from pipeline import paths
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, masked
 from pipeline.fileio import atomic_write_json
 from pipeline.studyspec import FIXED_DESIGNS, Range, StudySpec, TrialSpec, base_overrides, expand_trials, point_key
 from pipeline.train import StopEarly, epoch_history, train_stage
@@ -95,12 +94,6 @@ def _engine_kwargs(url: str) -> dict:
         # Fail fast on an unreachable server; recycle connections a worker held through a long trial.
         return {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
     return {}
-
-
-def masked(text: str) -> str:
-    """A URL (or a message holding one) with its password replaced by ***."""
-    text = re.sub(r"(//[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
-    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", text)
 
 
 def open_study(spec: StudySpec, storage=None) -> optuna.Study:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import re
 import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline import paths
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, masked
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # With a tracking server MLflow prints a "View run" URL at every run end: noise in worker logs, and
@@ -33,10 +32,6 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 class TrackingError(PipelineError, RuntimeError):
     """The tracking store cannot be used; the message names it (credentials masked) and what to do."""
-
-
-def _masked(uri: str) -> str:
-    return re.sub(r"//([^:/@\s]+):[^@\s]*@", r"//\1:***@", uri)
 
 
 _BATCH_LIMIT = 1000  # MLflow's cap on metrics per log_batch call
@@ -76,7 +71,7 @@ def check_reachable(timeout: float = 5.0) -> None:
         except OSError as e:
             reason = str(getattr(e, "reason", e))
         raise TrackingError(
-            f"cannot reach the MLflow tracking server {_masked(uri)}: {_masked(reason)}\n"
+            f"cannot reach the MLflow tracking server {masked(uri)}: {masked(reason)}\n"
             "  check that it is running (make server starts one on 127.0.0.1), the host and port in "
             "MLFLOW_TRACKING_URI, and any proxy or firewall between here and there"
         )
@@ -89,7 +84,7 @@ def check_reachable(timeout: float = 5.0) -> None:
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise TrackingError(
-                f"cannot open the MLflow store {_masked(uri)}: {_masked(first)}\n"
+                f"cannot open the MLflow store {masked(uri)}: {masked(first)}\n"
                 "  check that the database server runs, the database exists, and the credentials (PGPASSFILE)"
             ) from None
 
@@ -250,7 +245,7 @@ class MlflowRun:
                 self.resumed = True
             except mlflow.exceptions.MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise TrackingError(f"cannot reach the MLflow store {_masked(tracking_uri())}: {_masked(str(e))}") from None
+                    raise TrackingError(f"cannot reach the MLflow store {masked(tracking_uri())}: {masked(str(e))}") from None
                 run = None  # the store answered: no such run
             if run is not None:
                 self.run_id = run.info.run_id
@@ -265,7 +260,7 @@ class MlflowRun:
                 self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
             except mlflow.exceptions.MlflowException as e:
                 raise TrackingError(
-                    f"cannot create a run in the MLflow store {_masked(tracking_uri())}: {_masked(str(e))}\n"
+                    f"cannot create a run in the MLflow store {masked(tracking_uri())}: {masked(str(e))}\n"
                     "check that the tracking server is up and the URI is right, or unset MLFLOW_TRACKING_URI "
                     "to use the local store"
                 ) from None
@@ -286,7 +281,7 @@ class MlflowRun:
         msg = self._writer.error_for(self.run_id)
         if msg is not None:
             raise TrackingError(
-                f"storing metrics in {_masked(tracking_uri())} failed: {msg}; "
+                f"storing metrics in {masked(tracking_uri())} failed: {msg}; "
                 "rerun the same command to resume from the last checkpoint"
             )
 

@@ -45,6 +45,15 @@ def bare_home(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def subprocess_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["VAE_PIPELINE_HOME"] = str(home)

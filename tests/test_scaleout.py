@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import yaml
 
 from pipeline.train import PER_STEP_KEYS
 
-from .conftest import subprocess_env
+from .conftest import free_port, subprocess_env
 
 BASE = {
     # What is under test is the engines, not the model: short runs, ranked by val/elbo, no test-set pass.
@@ -25,12 +24,6 @@ BASE = {
     "model.latent_dim": 4, "train.grid_images": 4, "eval.enabled": False, "tracking.flush_every": 5,
 }
 STEPS = 2 * 1024 // 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _postgres_available() -> bool:
@@ -59,7 +52,7 @@ def servers(tmp_path_factory, prepared_data_dir):
         mp.setenv("VAE_PIPELINE_HOME", str(home))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.delenv("PGPASSFILE", raising=False)
-        pg_port, mlflow_port = _free_port(), _free_port()
+        pg_port, mlflow_port = free_port(), free_port()
         log = []
         try:
             pg = services.start_postgres(pg_port, log=log.append)
@@ -158,13 +151,13 @@ def test_an_unreachable_database_is_one_clear_error_with_the_password_masked(bar
     spec = parse_study({"name": "x", "space": {"objective.beta": [1]},
                         "objectives": [{"metric": "test/iwae_nll", "direction": "minimize"}]})
     with pytest.raises(StudyError) as err:
-        open_storage(spec, f"postgresql+psycopg://vae:s3cret@127.0.0.1:{_free_port()}/optuna")
+        open_storage(spec, f"postgresql+psycopg://vae:s3cret@127.0.0.1:{free_port()}/optuna")
     message = str(err.value)
     assert "s3cret" not in message and "vae:***@127.0.0.1" in message and "make postgres" in message
 
 
 def test_an_unreachable_tracking_server_is_one_clear_error_before_any_training(bare_home, monkeypatch):
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:hunter2@127.0.0.1:{port}")
     out = subprocess.run([sys.executable, "-m", "pipeline", "study", str(Path(__file__).parents[1] / "studies" / "demo.yaml")],
                          env={**subprocess_env(bare_home), "MLFLOW_TRACKING_URI": f"http://alice:hunter2@127.0.0.1:{port}"},
@@ -198,7 +191,7 @@ def test_claims_on_postgres_hold_an_advisory_lock_that_other_machines_see(server
 
 
 def test_masking_hides_passwords_in_urls_and_query_strings():
-    from pipeline.study import masked
+    from pipeline.errors import masked
 
     assert masked("postgresql+psycopg://vae:pa55@db:5432/optuna") == "postgresql+psycopg://vae:***@db:5432/optuna"
     assert masked("host=db password=pa55 user=vae") == "host=db password=*** user=vae"

@@ -16,7 +16,7 @@ import yaml
 from pipeline.likelihoods import LIKELIHOODS, Likelihood, LogProb, bernoulli_log_prob, bernoulli_mean
 from pipeline.train import PER_STEP_KEYS
 
-from .conftest import subprocess_env
+from .conftest import free_port, subprocess_env
 
 TINY_BASE = {
     "data.train_subset": 256, "train.epochs": 1, "train.batch_size": 64, "model.hidden_dim": 32,
@@ -71,6 +71,21 @@ def _check_study_integrity(home: Path, name: str, n_trials: int, steps_per_trial
     return runs
 
 
+def _run_study_and_kill_it_when(home: Path, path: Path, ready: str) -> list[str]:
+    """Start `python -m pipeline study` and SIGKILL it as soon as `ready` (a glob under the study's
+    trials/) exists; fails if the study ended first. Returns the command, to run it again."""
+    cmd = [sys.executable, "-m", "pipeline", "study", str(path)]
+    proc = subprocess.Popen(cmd, env=subprocess_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    trial_dirs = home / "runs" / yaml.safe_load(path.read_text())["name"] / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(trial_dirs.glob(ready)):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the study finished before it could be killed"
+    return cmd
+
+
 def test_a_tiny_grid_runs_every_trial_once_and_a_rerun_does_nothing(home):
     from pipeline.study import run_study
     from pipeline.studyspec import load_study
@@ -92,16 +107,9 @@ def test_a_tiny_grid_runs_every_trial_once_and_a_rerun_does_nothing(home):
 
 def test_sigkill_mid_trial_then_the_same_command_finishes_with_nothing_lost_or_duplicated(home):
     path = _write_study(home, "killed", {"objective.beta": [1, 2, 4]}, **{"data.train_subset": 2048, "train.epochs": 2})
-    cmd = [sys.executable, "-m", "pipeline", "study", str(path)]
+    cmd = _run_study_and_kill_it_when(home, path, "0001-*/checkpoint.pt")
     env = subprocess_env(home)
-    proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     trial_dirs = home / "runs" / "killed" / "trials"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list(trial_dirs.glob("0001-*/checkpoint.pt")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the study finished before it could be killed"
     killed_dir = next(trial_dirs.glob("0001-*"))
     killed_run = json.loads((killed_dir / "run.json").read_text())["run_id"]
     assert not (killed_dir / "result.json").exists()  # really interrupted mid-trial
@@ -243,17 +251,10 @@ def test_a_search_worker_killed_between_seeds_resumes_the_same_point_into_the_sa
     path = _write_search(home, "killsearch", {"objective.beta": {"low": 0.5, "high": 8.0}}, sampler="tpe",
                          n_trials=1, seeds=(0, 1), objectives=(("val/elbo", "maximize"),),
                          **{"data.train_subset": 2048, "train.epochs": 2, "eval.enabled": False})
-    cmd = [sys.executable, "-m", "pipeline", "study", str(path)]
-    env = subprocess_env(home)
-    proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    trial_dirs = home / "runs" / "killsearch" / "trials"
-    deadline = time.time() + 240
     # Killed in trial 0's second seed, after its first epoch: seed 0 finished, seed 1 half trained.
-    while time.time() < deadline and proc.poll() is None and not list(trial_dirs.glob("0000-seed1-*/checkpoint.pt")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the study finished before it could be killed"
+    cmd = _run_study_and_kill_it_when(home, path, "0000-seed1-*/checkpoint.pt")
+    env = subprocess_env(home)
+    trial_dirs = home / "runs" / "killsearch" / "trials"
     seed0_dir, seed1_dir = next(trial_dirs.glob("0000-seed0-*")), next(trial_dirs.glob("0000-seed1-*"))
     finished_before = (seed0_dir / "result.json").read_text()
     killed_runs = {json.loads((d / "run.json").read_text())["run_id"] for d in (seed0_dir, seed1_dir)}
@@ -348,7 +349,6 @@ def test_pruners_see_val_elbo_oriented_like_the_objective():
 
 
 def test_the_dashboard_serves_the_study_on_loopback(home):
-    import socket
     import urllib.request
 
     from pipeline.study import open_storage, open_study
@@ -357,9 +357,7 @@ def test_the_dashboard_serves_the_study_on_loopback(home):
     path = _write_study(home, "dash", {"objective.beta": [1, 2]})
     study = open_study(load_study(path), open_storage(load_study(path), None))
     study.tell(study.ask(), 3.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "dashboard", str(path), "--port", str(port)],
                             env=subprocess_env(home), cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -27,11 +27,11 @@ def test_a_failed_block_stops_the_run_and_nothing_after_the_gap_is_stored(home):
     assert r.info.status == "FAILED" and r.data.tags["failure_reason"] == "tracking_error"
 
 
-def test_credentials_are_masked():
-    from pipeline.tracking import _masked
+def test_credentials_aremasked():
+    from pipeline.errors import masked
 
-    assert _masked("postgresql+psycopg://alice:s3cr3t@db:5432/mlflow") == "postgresql+psycopg://alice:***@db:5432/mlflow"
-    assert _masked("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert masked("postgresql+psycopg://alice:s3cr3t@db:5432/mlflow") == "postgresql+psycopg://alice:***@db:5432/mlflow"
+    assert masked("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 def test_reattaching_keeps_the_run_and_its_status_when_asked(home):

@@ -12,7 +12,6 @@ sections (text and tables), render (HTML, Markdown).
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from pathlib import Path
@@ -20,15 +19,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import paths
+from pipeline.errors import masked
 from pipeline.report.analysis import ReportError
 from pipeline.studyspec import StudySpec
 
 __all__ = ["ReportError", "report_stage", "reports_dir"]
-
-
-def _masked(uri: str) -> str:
-    """A URL without its password: the report is shared, the credentials are not."""
-    return re.sub(r"//([^:/@\s]+):[^@\s]*@", r"//\1:***@", uri)
 
 
 def reports_dir() -> Path:
@@ -92,8 +87,8 @@ def report_stage(spec: StudySpec, storage: str | None = None, out_dir: str | Pat
             except Exception as e:  # one broken figure must not cost the whole report; it says so instead
                 figs[name] = f"This figure could not be drawn ({type(e).__name__}: {e})."
                 log(f"[report] warning: figure {name} failed: {type(e).__name__}: {e}")
-        storage_desc = f"`{_masked(storage)}`" if storage else f"journal `{paths.runs_dir() / spec.name / 'optuna.journal'}`"
-        doc = sections.document(a, figs, storage_desc, f"`{_masked(tracking_uri())}`")
+        storage_desc = f"`{masked(storage)}`" if storage else f"journal `{paths.runs_dir() / spec.name / 'optuna.journal'}`"
+        doc = sections.document(a, figs, storage_desc, f"`{masked(tracking_uri())}`")
         summary_frame(a).to_csv(out / "summary.csv", index=False)
         html_path, _ = render.write(doc, out)
     finally:
