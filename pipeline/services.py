@@ -175,11 +175,10 @@ def _write_pgpass(pg: Postgres, password: str) -> None:
 def _create_databases(pg: Postgres) -> None:
     import psycopg
 
-    env_before = os.environ.get("PGPASSFILE")
-    os.environ["PGPASSFILE"] = env_before or str(pgpass_path())
+    passfile = os.environ.get("PGPASSFILE") or str(pgpass_path())
     try:
         with psycopg.connect(host="127.0.0.1", port=pg.port, user=PG_USER, dbname="postgres", autocommit=True,
-                             connect_timeout=10) as conn:
+                             connect_timeout=10, passfile=passfile) as conn:
             have = {r[0] for r in conn.execute("SELECT datname FROM pg_database")}
             for db in PG_DATABASES:
                 if db not in have:
@@ -188,9 +187,6 @@ def _create_databases(pg: Postgres) -> None:
         raise ServiceError(f"cannot create the databases on 127.0.0.1:{pg.port} as {PG_USER}: "
                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}\n"
                            f"  is another PostgreSQL on that port? VAE_PG_PORT chooses another") from None
-    finally:
-        if env_before is None:
-            os.environ.pop("PGPASSFILE", None)
 
 
 def stop_postgres(port: int | None = None, log=print) -> None:

@@ -282,11 +282,13 @@ def scan(study: optuna.Study, spec: StudySpec, total: int, reap: bool = True) ->
     done, running, failed, retry, seen = set(), set(), {}, {}, set()
     for t in study.get_trials(deepcopy=False):
         idx = t.user_attrs.get("trial_index")
+        alive = t.state == TrialState.RUNNING and worker_alive(t)
+        if reap and t.state == TrialState.RUNNING and not alive:
+            # A dead worker's trial (also one asked for but never labelled with its index): its index,
+            # if any, is open again, and the next attempt resumes from its run directory.
+            study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "worker_died")
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
         if idx is None:
-            # Asked for, but its worker died before labelling it: nothing ran; retire it.
-            if reap and t.state == TrialState.RUNNING and not worker_alive(t):
-                study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "worker_died")
-                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             continue
         seen.add(idx)
         reason = t.user_attrs.get("failure_reason")
@@ -298,12 +300,8 @@ def scan(study: optuna.Study, spec: StudySpec, total: int, reap: bool = True) ->
         elif t.state == TrialState.FAIL and reason in DONE_FAILURES:
             done.add(idx)
             failed[idx] = reason
-        elif t.state == TrialState.RUNNING:
-            if worker_alive(t):
-                running.add(idx)
-            elif reap:
-                study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "worker_died")
-                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        elif alive:
+            running.add(idx)
         elif t.state == TrialState.WAITING and reap:
             # Enqueued by a worker that died before asking for it: retire it, its index stays open.
             study._storage.set_trial_user_attr(t._trial_id, "failure_reason", "abandoned")
