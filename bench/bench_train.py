@@ -99,8 +99,9 @@ def run_reference_loop(root: Path, epochs: int, seed: int) -> list[float]:
 # --- (b), (c) the pipeline -----------------------------------------------------------------------
 def run_pipeline(splits, epochs: int, seed: int, tracking: bool, home: Path) -> tuple[list[float], float, Path]:
     """Per-epoch loop images/s (as the pipeline logs them) and end-to-end images/s incl. final flush."""
+    from pipeline.checkpoint import CHECKPOINT, load_checkpoint
     from pipeline.config import build_config
-    from pipeline.train import CHECKPOINT, fit, load_checkpoint
+    from pipeline.train import fit
 
     cfg = build_config(overrides=[*MODEL_SETTINGS, f"train.epochs={epochs}", f"train.seed={seed}",
                                   f"tracking.enabled={str(tracking).lower()}", "tracking.experiment=bench"])
@@ -124,23 +125,15 @@ def run_pipeline(splits, epochs: int, seed: int, tracking: bool, home: Path) -> 
 
 def run_eval_throughput(splits, run_dir: Path, k: int, n_images: int, batch_size: int = 500) -> float:
     """IWAE evaluation speed of a trained checkpoint: test images × k importance samples per second."""
-    from pipeline.config import build_config
+    from pipeline.checkpoint import CHECKPOINT, load_run
     from pipeline.evaluate import _chunk_for
-    from pipeline.likelihoods import LikelihoodOptions, get_likelihood
     from pipeline.metrics import iwae_log_likelihood
-    from pipeline.models import build_model
-    from pipeline.train import CHECKPOINT, load_checkpoint
 
-    ck = load_checkpoint(run_dir / CHECKPOINT)
-    cfg = build_config(ck["config"])
-    lik = get_likelihood(cfg.likelihood.name)
-    model = build_model(cfg.model, lik.params_per_pixel)
-    model.load_state_dict(ck["model"])
-    model.eval()
+    _, model, _ = load_run(run_dir / CHECKPOINT)
     x = splits.test_x[:n_images].float() / 255
     t0 = time.perf_counter()
     for batch in x.split(batch_size):
-        iwae_log_likelihood(model, batch, lik, LikelihoodOptions(), k=k, chunk=_chunk_for(k, batch.shape[0]))
+        iwae_log_likelihood(model, batch, k=k, chunk=_chunk_for(k, batch.shape[0]))
     return n_images * k / (time.perf_counter() - t0)
 
 

@@ -129,7 +129,7 @@ def _cmd_prepare(args) -> int:
     )
     if not args.no_classifier:
         from pipeline.classifier import ensure_classifier
-        from pipeline.train import resolve_device
+        from pipeline.runtime import resolve_device
 
         data_cfg = DataConfig(dataset=args.dataset, val_size=args.val_size, split_seed=args.split_seed)
         splits = load_splits(args.dataset, args.val_size, args.split_seed)
@@ -147,7 +147,7 @@ def _cmd_train(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    from pipeline.train import train_stage
+    from pipeline.stages import train_stage
 
     mode = "resume" if args.resume else "restart" if args.restart else "auto"
     result = train_stage(cfg, args.run_dir, mode=mode, progress=False if args.no_progress else None)

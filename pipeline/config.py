@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import PipelineError
 from pipeline.likelihoods import LIKELIHOODS
 from pipeline.objectives import BETA_SCHEDULES, FREE_BITS_MODES
+from pipeline.vae.priors import PRIORS
 
 DATASETS = ("fashion-mnist", "mnist")
 
@@ -71,6 +72,19 @@ class LikelihoodConfig(_Section):
     @classmethod
     def _name(cls, v: str) -> str:
         return _one_of(v, LIKELIHOODS, "likelihood.name")
+
+
+class PriorConfig(_Section):
+    name: str = "standard_normal"
+    # Mixture components of `mog`, pseudo-inputs of `vamp` (Tomczak & Welling 2018 use 500 on MNIST).
+    components: int = Field(10, ge=1, le=4096)
+    # Where `vamp` pseudo-inputs start: `data` (random training images, the run's seed) or `noise`.
+    init: Literal["data", "noise"] = "data"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _one_of(v, PRIORS, "prior.name")
 
 
 class ObjectiveConfig(_Section):
@@ -138,6 +152,7 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     likelihood: LikelihoodConfig = LikelihoodConfig()
+    prior: PriorConfig = PriorConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -149,6 +164,19 @@ class RunConfig(_Section):
             raise ValueError(
                 f"data.binarize={self.data.binarize!r} only makes sense with likelihood.name='bernoulli' "
                 f"(got {self.likelihood.name!r}); set data.binarize=none"
+            )
+        if self.objective.free_bits == "per_dim" and not PRIORS[self.prior.name].factorized:
+            raise ValueError(
+                f"objective.free_bits='per_dim' needs a prior that factorizes over latent dimensions, and "
+                f"prior.name={self.prior.name!r} does not: its KL has no per-dimension split to free. Use "
+                "objective.free_bits=total (free bits on the whole KL, Kingma et al. 2016) or prior.name=standard_normal"
+            )
+        p = self.prior
+        if p.name == "vamp" and p.init == "data" and self.data.train_subset is not None \
+                and self.data.train_subset < p.components:
+            raise ValueError(
+                f"prior.components={p.components} VampPrior pseudo-inputs start from as many training images, but "
+                f"data.train_subset={self.data.train_subset} has fewer; lower prior.components or set prior.init=noise"
             )
         return self
 
@@ -162,19 +190,52 @@ class RunConfig(_Section):
         """A short human-readable name for run lists: the ablation axes at a glance."""
         o, m = self.objective, self.model
         fb = "" if o.free_bits == "none" else f" fb={o.free_bits}:{o.free_bits_lambda:g}"
+        prior = "" if self.prior.name == "standard_normal" else f" prior={self.prior.name}:{self.prior.components}"
         return (
-            f"{m.arch} {self.likelihood.name} β={o.beta:g} {o.schedule}{fb} "
+            f"{m.arch} {self.likelihood.name} β={o.beta:g} {o.schedule}{fb}{prior} "
             f"dec={m.decoder_depth} z={m.latent_dim} seed={self.train.seed}"
         )
 
     def result_hash(self) -> str:
-        """Hash of everything that changes the trained weights (not device, tracking or evaluation)."""
+        """Hash of everything that changes the trained weights (not device, tracking or evaluation).
+
+        Stable across upgrades: the keys of the first release are hashed as they always were, defaults
+        included; a key added later enters the hash only when it differs from its default (which keeps
+        the old behaviour), so adding a key never moves an unfinished study to new run directories.
+        Prior options the chosen prior does not read (e.g. prior.components of the standard normal) are
+        left out too.
+        """
         d = self.to_dict()
         d.pop("tracking")
         d.pop("eval")
         d["train"].pop("device")
+        # Options the chosen prior does not read cannot change the weights.
+        read = PRIORS[self.prior.name].options
+        d["prior"] = {k: v for k, v in d["prior"].items() if k == "name" or k in read}
+        defaults = flatten(_DEFAULT_WEIGHT_KEYS)
+        for key, value in flatten(d).items():
+            if key not in HASHED_SINCE_V1 and value == defaults.get(key, _MISSING):
+                section, _, name = key.rpartition(".")
+                d[section].pop(name)
+                if not d[section]:
+                    d.pop(section)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# The weight-changing keys of the first release: hashed always, defaults included (see result_hash).
+HASHED_SINCE_V1 = frozenset({
+    "data.dataset", "data.val_size", "data.split_seed", "data.binarize", "data.train_subset",
+    "model.arch", "model.latent_dim", "model.hidden_dim", "model.encoder_depth", "model.decoder_depth",
+    "model.channels",
+    "likelihood.name", "likelihood.scale", "likelihood.min_log_sigma",
+    "objective.beta", "objective.schedule", "objective.warmup_steps", "objective.delay_steps", "objective.cycles",
+    "objective.ramp_ratio", "objective.free_bits", "objective.free_bits_lambda",
+    "train.epochs", "train.batch_size", "train.lr", "train.grad_clip", "train.seed", "train.precision",
+    "train.grid_images",
+})
+_MISSING = object()
+_DEFAULT_WEIGHT_KEYS = RunConfig().to_dict()
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

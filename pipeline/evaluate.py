@@ -3,6 +3,11 @@
 Results go to ``metrics.json`` next to the checkpoint and, under ``test/``, into the run's own
 MLflow run (never a new one). Re-evaluating overwrites ``metrics.json`` and logs newer points at
 the same step, which MLflow then shows as the run's values.
+
+Per-dimension KL measures (``test/kl_dim_max``, ``test/collapsed_dims``, the KL bar chart) exist only
+for a prior that factorizes over dimensions: for a mixture prior the KL of one coordinate is not
+defined, and these are left out (active units and I(x; z), which never look at the prior, remain).
+Without an analytic KL, ``test/kl`` is a Monte Carlo estimate from MC_KL_SAMPLES draws per image.
 """
 
 from __future__ import annotations
@@ -15,13 +20,13 @@ from pathlib import Path
 import torch
 
 from pipeline import metrics as M
-from pipeline.config import RunConfig, build_config
+from pipeline.checkpoint import CHECKPOINT, load_run
+from pipeline.config import RunConfig
 from pipeline.data import DeviceData, ensure_splits
 from pipeline.fileio import atomic_write_json
 from pipeline.images import pairs, save_grid
-from pipeline.likelihoods import LikelihoodOptions, get_likelihood
-from pipeline.models import N_PIXELS, build_model
-from pipeline.train import CHECKPOINT, load_checkpoint, resolve_device
+from pipeline.runtime import resolve_device
+from pipeline.vae import MC_KL_SAMPLES, VAE
 
 METRICS_FILE = "metrics.json"
 
@@ -36,15 +41,13 @@ def _chunk_for(k: int, batch: int, budget: int = 20_000) -> int:
 
 
 @torch.no_grad()
-def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Tensor, *, k: int, batch_size: int,
-                   mi_batch: int, n_samples: int, seed: int, out_dir: Path | None = None,
-                   sigma_star: float | None = None, classifier=None, test_labels: torch.Tensor | None = None) -> dict:
+def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torch.Tensor, *, k: int, batch_size: int,
+                   mi_batch: int, n_samples: int, seed: int, out_dir: Path | None = None, classifier=None,
+                   test_labels: torch.Tensor | None = None) -> dict:
     """All test diagnostics of one model, as {"test/…": float} plus the KL vector and artifacts."""
     model.eval()
     dev = test.images.device
-    lik = get_likelihood(cfg.likelihood.name)
-    opts = LikelihoodOptions(scale=cfg.likelihood.scale, min_log_sigma=cfg.likelihood.min_log_sigma,
-                             fixed_sigma=sigma_star)
+    lik, prior = model.likelihood, model.prior
     gen = torch.Generator(device=dev).manual_seed(seed)
     # A density on [0, 1] scored at the 8-bit grid points is not comparable with a probability mass:
     # continuous likelihoods see uniformly dequantized data (Theis et al. 2016), discrete ones the data.
@@ -62,38 +65,32 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
         x = test.batch(torch.arange(start, min(start + batch_size, test.n), device=dev))
         if dequantize:
             x = M.dequantize(x, generator=gen)
-        q = model.encoder(x)
-        mu, logvar = q.mu.float(), q.logvar.float()
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen, device=dev)
-        recon_sampled = M.recon_nll(model.decoder, z, x, lik, opts)
-        params_mean = model.decoder(mu).float()
-        recon_mean = -lik.log_prob(params_mean, x, opts).log_px
-        kl = M.kl_per_dim(mu, logvar).sum(1)
-        ll = M.iwae_log_likelihood(model, x, lik, opts, k=k, chunk=_chunk_for(k, x.shape[0]), generator=gen)
+        q = model.posterior(x)
+        z = q.rsample(generator=gen)
+        recon_sampled = model.recon_nll(x, z)
+        recon_mean = model.recon_nll(x, q.mu)
+        ll = M.iwae_log_likelihood(model, x, k=k, chunk=_chunk_for(k, x.shape[0]), generator=gen)
+        kl = prior.kl(q, z) if prior.analytic_kl else model.kl_monte_carlo(q, MC_KL_SAMPLES, generator=gen)[0]
         n = x.shape[0]
-        gap, n_gap = (M.z_usage_gap(model.decoder, z, x, lik, opts), n) if n > 1 else (0.0, 0)
+        gap, n_gap = (M.z_usage_gap(lambda codes, x=x: model.recon_nll(x, codes), z), n) if n > 1 else (0.0, 0)
         sums += torch.tensor([recon_sampled.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n_gap, n_gap],
                              dtype=torch.float64)
-        mus.append(mu.cpu())
-        logvars.append(logvar.cpu())
-        recons.append(lik.mean(params_mean, opts).clamp(0, 1).cpu())
+        mus.append(q.mu.cpu())
+        logvars.append(q.logvar.cpu())
+        recons.append(model.render(q.mu).cpu())
     n_test = test.n
     recon_nll, recon_nll_mean_z, kl, ll = (sums[:4] / n_test).tolist()
     mu_all, logvar_all, recon_all = torch.cat(mus), torch.cat(logvars), torch.cat(recons)
 
-    kl_stats = M.kl_dimension_stats(mu_all, logvar_all)
-    n_active, _ = M.active_units(mu_all)
+    kl_stats = M.kl_dimension_stats(mu_all, logvar_all) if prior.factorized else None
+    n_active, activity = M.active_units(mu_all)
     b = min(mi_batch, n_test)
     # Averaged over every full batch of b test images: the same estimand, less Monte Carlo noise.
     mi = sum(M.mutual_information(mu_all[i : i + b], logvar_all[i : i + b], generator=cpu_gen)
              for i in range(0, n_test - b + 1, b)) / (n_test // b)
 
-    samples = []
-    for start in range(0, n_samples, batch_size):
-        m = min(batch_size, n_samples - start)
-        z = torch.randn(m, model.latent_dim, generator=gen, device=dev)
-        samples.append(lik.mean(model.decoder(z).float(), opts).clamp(0, 1).cpu())
-    samples_all = torch.cat(samples)
+    samples_all = torch.cat([model.sample(min(batch_size, n_samples - start), generator=gen).cpu()
+                             for start in range(0, n_samples, batch_size)])
     reference = reference.float().cpu()
     sharp_recon = M.sharpness(recon_all, reference)
     sharp_samples = M.sharpness(samples_all, reference)
@@ -104,13 +101,17 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
         "test/recon_nll_mean_z": recon_nll_mean_z,
         "test/kl": kl,
         "test/iwae_nll": -ll,
-        "test/bits_per_dim": bpd if bpd is not None else M.bits_per_dim(-ll, N_PIXELS, None if lik.discrete else 256),
-        "test/kl_dim_max": kl_stats["kl_dim_max"],
-        "test/collapsed_dims": kl_stats["collapsed_dims"],
+        "test/bits_per_dim": bpd if bpd is not None else M.bits_per_dim(-ll, model.data_dims,
+                                                                         None if lik.discrete else 256),
+    }
+    if kl_stats is not None:
+        out["test/kl_dim_max"] = kl_stats["kl_dim_max"]
+        out["test/collapsed_dims"] = kl_stats["collapsed_dims"]
+    out.update({
         "test/active_units": n_active,
         "test/mutual_info": mi,
         "test/z_usage_gap": float(sums[4] / sums[5]),
-    }
+    })
     for name, value in sharp_recon.items():
         out[f"test/sharpness/recon_{name}"] = value
     for name, value in sharp_samples.items():
@@ -130,56 +131,68 @@ def evaluate_model(model, cfg: RunConfig, test: DeviceData, reference: torch.Ten
 
     result = {
         "metrics": out,
-        "kl_per_dim": kl_stats["kl_per_dim"].tolist(),
+        # None for a prior that does not factorize (see the module docstring).
+        "kl_per_dim": kl_stats["kl_per_dim"].tolist() if kl_stats is not None else None,
         # The settings this evaluation used; logged as test/ metrics so a re-evaluation replaces them.
         "params": {"iwae_k": k, "mi_batch": b, "n_samples": n_samples, "hf_cutoff": 0.25, "test_images": n_test,
                    "dequantized": int(dequantize)},
     }
     if out_dir is not None:
-        result["artifacts"] = _images(model, lik, opts, test, recon_all, samples_all, kl_stats["kl_per_dim"], out_dir, gen)
+        per_dim = kl_stats["kl_per_dim"] if kl_stats is not None else activity
+        result["artifacts"] = _images(model, test, recon_all, samples_all, per_dim, kl_stats is not None, out_dir)
     model.train()
     return result
 
 
 @torch.no_grad()
-def _images(model, lik, opts, test, recon_all, samples_all, kl_vec, out_dir: Path, gen) -> list[Path]:
+def _images(model: VAE, test, recon_all, samples_all, per_dim: torch.Tensor, is_kl: bool, out_dir: Path) -> list[Path]:
+    """Image grids, latent traversals and the per-dimension chart: KL when the prior factorizes, else
+    activity Cov_x(E_q[z_j]) (the active-units statistic)."""
     dev = test.images.device
     originals = test.batch(torch.arange(min(32, test.n), device=dev)).cpu()
     files = [
         save_grid(pairs(originals, recon_all[: originals.shape[0]]), out_dir / "test_reconstructions.png", nrow=8),
         save_grid(samples_all[:64], out_dir / "test_samples.png", nrow=8),
     ]
-    # Latent traversals: the 8 dimensions with most KL, each swept over ±3σ of the prior from the
-    # posterior mean of one test image (rows = dimensions, columns = values).
-    top = torch.argsort(kl_vec, descending=True)[: min(8, kl_vec.numel())]
-    base = model.encoder(test.batch(torch.arange(1, device=dev))).mu.float()  # (1, D)
+    # Latent traversals: the 8 dimensions with most KL (or activity), each swept over ±3 standard
+    # deviations of the prior's marginal around its mean, from the posterior mean of one test image
+    # (rows = dimensions, columns = values).
+    top = torch.argsort(per_dim, descending=True)[: min(8, per_dim.numel())]
+    base = model.posterior(test.batch(torch.arange(1, device=dev))).mu  # (1, D)
+    center, spread = model.prior.marginal_moments()
     values = torch.linspace(-3, 3, 9, device=dev)
     rows = []
     for j in top.tolist():
         z = base.repeat(values.numel(), 1)
-        z[:, j] = values
-        rows.append(lik.mean(model.decoder(z).float(), opts).clamp(0, 1).cpu())
+        z[:, j] = center[j] + spread[j] * values
+        rows.append(model.render(z).cpu())
     files.append(save_grid(torch.cat(rows), out_dir / "latent_traversals.png", nrow=values.numel()))
-    files.append(_kl_bar_chart(kl_vec, out_dir / "kl_per_dim.png"))
-    kl_json = out_dir / "kl_per_dim.json"
-    kl_json.write_text(json.dumps([float(v) for v in kl_vec]))
-    files.append(kl_json)
+    if is_kl:
+        files.append(_per_dim_bar_chart(per_dim, M.COLLAPSED_KL, "KL", "mean KL (nats)", f"collapsed below {M.COLLAPSED_KL} nats",
+                                        out_dir / "kl_per_dim.png"))
+        kl_json = out_dir / "kl_per_dim.json"
+        kl_json.write_text(json.dumps([float(v) for v in per_dim]))
+        files.append(kl_json)
+    else:
+        files.append(_per_dim_bar_chart(per_dim, M.ACTIVE_UNIT_THRESHOLD, "activity", "activity Cov_x(E_q[z_j])",
+                                        f"inactive below {M.ACTIVE_UNIT_THRESHOLD}", out_dir / "activity_per_dim.png"))
     return files
 
 
-def _kl_bar_chart(kl_vec: torch.Tensor, path: Path) -> Path:
+def _per_dim_bar_chart(values: torch.Tensor, threshold: float, name: str, ylabel: str, below: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = torch.argsort(kl_vec, descending=True)
-    fig, ax = plt.subplots(figsize=(max(4, 0.25 * kl_vec.numel() + 1), 3))
-    ax.bar(range(kl_vec.numel()), kl_vec[order].numpy(), color=["#4c72b0" if v >= M.COLLAPSED_KL else "#c44e52" for v in kl_vec[order]])
-    ax.axhline(M.COLLAPSED_KL, color="gray", lw=0.8, ls="--", label=f"collapsed below {M.COLLAPSED_KL} nats")
-    ax.set_xticks(range(kl_vec.numel()), [str(int(i)) for i in order], fontsize=7)
-    ax.set_xlabel("latent dimension (sorted by KL)")
-    ax.set_ylabel("mean KL (nats)")
+    order = torch.argsort(values, descending=True)
+    fig, ax = plt.subplots(figsize=(max(4, 0.25 * values.numel() + 1), 3))
+    ax.bar(range(values.numel()), values[order].numpy(),
+           color=["#4c72b0" if v >= threshold else "#c44e52" for v in values[order]])
+    ax.axhline(threshold, color="gray", lw=0.8, ls="--", label=below)
+    ax.set_xticks(range(values.numel()), [str(int(i)) for i in order], fontsize=7)
+    ax.set_xlabel(f"latent dimension (sorted by {name})")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("symlog", linthresh=0.01)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
@@ -207,11 +220,7 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     if not checkpoint.is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint}")
     dev = resolve_device(device)
-    ck = load_checkpoint(checkpoint, "cpu")
-    cfg = build_config(ck["config"])
-    lik = get_likelihood(cfg.likelihood.name)
-    model = build_model(cfg.model, lik.params_per_pixel).to(dev)
-    model.load_state_dict(ck["model"])
+    cfg, model, ck = load_run(checkpoint, dev)
 
     splits = splits or ensure_splits(cfg.data, log=log)  # the train stage passes the splits it has loaded
     test_x = splits.test_x[:test_subset] if test_subset else splits.test_x
@@ -224,7 +233,7 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     log(f"[evaluate] {checkpoint}: {test.n} test images, IWAE k={k} on {dev}")
     result = evaluate_model(model, cfg, test, test_x.float() / 255, k=k, batch_size=batch_size, mi_batch=mi_batch,
                             n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval",
-                            sigma_star=ck.get("sigma_star"), classifier=classifier,
+                            classifier=classifier,
                             test_labels=splits.test_y[: test.n])
     result["params"]["classifier_test_accuracy"] = classifier_info["test_accuracy"]
     m = result["metrics"]

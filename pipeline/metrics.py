@@ -1,7 +1,8 @@
 """Diagnostics of collapse, likelihood and sharpness: pure functions of tensors, each with its source.
 
 Conventions: images are (N, 1, 28, 28) in [0, 1]; posterior means and log-variances are (N, D);
-log-densities are in nats. Nothing here touches files or tracking.
+log-densities are in nats. Nothing here touches files or tracking; the model's densities and samples
+come from its own methods (pipeline.vae), never from a formula written here.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.objectives import kl_per_dim
+from pipeline.vae.posterior import DiagonalGaussian
 
-LOG_2PI = math.log(2 * math.pi)
 COLLAPSED_KL = 0.01  # nats: a dimension whose mean KL is below this carries no information
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2015, Sec. 5.2
 
 
 # --- collapse ------------------------------------------------------------------------------------
 def kl_dimension_stats(mu: torch.Tensor, logvar: torch.Tensor) -> dict[str, object]:
-    """Mean KL per dimension over the data, (D,), with the rate and collapse counts."""
-    kl = kl_per_dim(mu.double(), logvar.double()).mean(0)  # (D,)
+    """Mean KL to N(0, I) per dimension over the data, (D,), with the rate and collapse counts.
+
+    Defined for the standard normal prior (the only shipped prior that factorizes)."""
+    kl = DiagonalGaussian(mu.double(), logvar.double()).kl_per_dim().mean(0)  # (D,)
     return {
         "kl_per_dim": kl,
         "rate": float(kl.sum()),
@@ -36,11 +38,6 @@ def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> 
     return int((activity > threshold).sum()), activity
 
 
-def diag_gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; μ, diag(exp(logvar))) summed over the last dimension (broadcasting)."""
-    return -0.5 * (LOG_2PI * z.shape[-1] + (logvar + (z - mu) ** 2 / torch.exp(logvar)).sum(-1))
-
-
 def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> float:
     """I(x; z) under the batch's aggregate posterior (He et al. 2019, "Lagging inference networks").
 
@@ -49,9 +46,8 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.
     """
     mu, logvar = mu.double(), logvar.double()
     b = mu.shape[0]
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    z = mu + torch.exp(0.5 * logvar) * eps  # (B, D): one sample per x
-    log_q_zi_xj = diag_gaussian_log_prob(z.unsqueeze(1), mu.unsqueeze(0), logvar.unsqueeze(0))  # (B, B)
+    z = DiagonalGaussian(mu, logvar).rsample(generator=generator)  # (B, D): one sample per x
+    log_q_zi_xj = DiagonalGaussian(mu.unsqueeze(0), logvar.unsqueeze(0)).log_prob(z.unsqueeze(1))  # (B, B)
     log_q_zi_xi = log_q_zi_xj.diagonal()
     log_qz = torch.logsumexp(log_q_zi_xj, dim=1) - math.log(b)
     # He et al. take E[log q(z|x)] in closed form (minus the entropy); evaluating it at the same z as
@@ -62,38 +58,17 @@ def mutual_information(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.
 
 # --- likelihood ----------------------------------------------------------------------------------
 @torch.no_grad()
-def iwae_log_likelihood(
-    model,
-    x: torch.Tensor,
-    likelihood,
-    opts,
-    k: int,
-    chunk: int = 100,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def iwae_log_likelihood(model, x: torch.Tensor, k: int, chunk: int = 100,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Importance-weighted estimate of log p(x) per example, (B,) (Burda et al. 2015, Eq. 8).
 
-    log p(x) ≈ logsumexp_i [log p(x|z_i) + log p(z_i) − log q(z_i|x)] − log k, z_i ~ q(z|x).
-    The k samples are drawn `chunk` at a time and combined with a running log-sum-exp, so memory
-    is O(B · chunk) whatever k is.
+    log p(x) ≈ logsumexp_i [log p(x|z_i) + log p(z_i) − log q(z_i|x)] − log k, z_i ~ q(z|x), with the
+    log-weights from ``model.log_weights`` `chunk` at a time, combined with a running log-sum-exp, so
+    memory is O(B · chunk) whatever k is.
     """
-    q = model.encoder(x)
-    mu, logvar = q.mu.float(), q.logvar.float()
-    b, d = mu.shape
-    running = torch.full((b,), -math.inf, dtype=torch.float64, device=x.device)
-    done = 0
-    while done < k:
-        m = min(chunk, k - done)
-        eps = torch.randn((m, b, d), generator=generator, device=x.device)
-        z = mu + torch.exp(0.5 * logvar) * eps  # (m, B, D)
-        params = model.decoder(z.reshape(m * b, d)).float()
-        x_rep = x.unsqueeze(0).expand(m, *x.shape).reshape(m * b, *x.shape[1:])
-        log_px_z = likelihood.log_prob(params, x_rep, opts).log_px.view(m, b)
-        log_pz = -0.5 * (d * LOG_2PI + (z * z).sum(-1))
-        log_qz_x = diag_gaussian_log_prob(z, mu, logvar)
-        log_w = (log_px_z + log_pz - log_qz_x).double()  # (m, B)
+    running = torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
+    for log_w in model.log_weights(x, k, chunk=chunk, generator=generator):  # (m, B)
         running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
-        done += m
     return running - math.log(k)
 
 
@@ -111,24 +86,18 @@ def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     return (torch.round(x * 255) + u) / 256
 
 
-@torch.no_grad()
-def recon_nll(decoder, z: torch.Tensor, x: torch.Tensor, likelihood, opts) -> torch.Tensor:
-    """−log p(x|z) per example, (B,)."""
-    return -likelihood.log_prob(decoder(z).float(), x, opts).log_px
-
-
-@torch.no_grad()
-def z_usage_gap(decoder, z: torch.Tensor, x: torch.Tensor, likelihood, opts) -> float:
+def z_usage_gap(recon_nll, z: torch.Tensor) -> float:
     """How much the decoder uses z: mean recon NLL with codes swapped across the batch minus matched.
 
-    ≈ 0 means every x is decoded as well from another image's code as from its own: the decoder
-    ignores z (posterior collapse seen from the decoder's side). Each x gets its neighbour's code
-    (a cyclic shift), so no image keeps its own, as a random permutation sometimes would.
+    `recon_nll(codes)` scores the batch's images at the codes, (B,) → (B,). ≈ 0 means every x is
+    decoded as well from another image's code as from its own: the decoder ignores z (posterior
+    collapse seen from the decoder's side). Each x gets its neighbour's code (a cyclic shift), so no
+    image keeps its own, as a random permutation sometimes would.
     """
     if z.shape[0] < 2:
         raise ValueError("z_usage_gap needs a batch of at least 2")
-    matched = recon_nll(decoder, z, x, likelihood, opts).mean()
-    swapped = recon_nll(decoder, z.roll(1, dims=0), x, likelihood, opts).mean()
+    matched = recon_nll(z).mean()
+    swapped = recon_nll(z.roll(1, dims=0)).mean()
     return float(swapped - matched)
 
 

@@ -1,4 +1,4 @@
-"""KL terms, free bits and β schedules: small pure functions, each with its source.
+"""Free bits and β schedules: small pure functions, each with its source (the KL itself is the prior's).
 
 β_t is a pure function of the global step, so resuming a run needs no schedule state beyond the
 step itself, and a schedule can be plotted without training anything.
@@ -12,32 +12,28 @@ from collections.abc import Callable
 import torch
 
 
-def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(μ, σ²) ‖ N(0, 1)) per example and dimension, (B, D) → (B, D), in nats.
-
-    Kingma & Welling 2014, Appendix B: ½(μ² + σ² − log σ² − 1).
-    """
-    return 0.5 * (mu * mu + torch.exp(logvar) - logvar - 1)
-
-
 # --- Free bits (Kingma et al. 2016, "Improved VI with IAF", Eq. 15) -------------------------------
-# Each returns the penalised KL of the batch, a scalar, from kl (B, D) and λ in nats.
-# clamp(min=λ) passes zero gradient while the KL is below λ: the encoder is free to spend λ nats.
-def free_bits_none(kl: torch.Tensor, lam: float) -> torch.Tensor:
-    return kl.sum(1).mean()
+# Each returns the penalised KL of the batch, a scalar, from the per-example KL (B,), the per-dimension
+# KL (B, D) (None when the prior does not factorize; config validation keeps per_dim away from those
+# priors) and λ in nats. clamp(min=λ) passes zero gradient while the KL is below λ: the encoder is
+# free to spend λ nats.
+def free_bits_none(kl: torch.Tensor, kl_per_dim: torch.Tensor | None, lam: float) -> torch.Tensor:
+    return kl.mean()
 
 
-def free_bits_per_dim(kl: torch.Tensor, lam: float) -> torch.Tensor:
+def free_bits_per_dim(kl: torch.Tensor, kl_per_dim: torch.Tensor | None, lam: float) -> torch.Tensor:
     """Σ_j max(λ, E_batch[KL_j])."""
-    return kl.mean(0).clamp(min=lam).sum()
+    if kl_per_dim is None:
+        raise ValueError("free bits per dimension need a per-dimension KL (a prior that factorizes)")
+    return kl_per_dim.mean(0).clamp(min=lam).sum()
 
 
-def free_bits_total(kl: torch.Tensor, lam: float) -> torch.Tensor:
+def free_bits_total(kl: torch.Tensor, kl_per_dim: torch.Tensor | None, lam: float) -> torch.Tensor:
     """max(λ, E_batch[Σ_j KL_j])."""
-    return kl.sum(1).mean().clamp(min=lam)
+    return kl.mean().clamp(min=lam)
 
 
-FREE_BITS_MODES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+FREE_BITS_MODES: dict[str, Callable[[torch.Tensor, torch.Tensor | None, float], torch.Tensor]] = {
     "none": free_bits_none,
     "per_dim": free_bits_per_dim,
     "total": free_bits_total,

@@ -39,10 +39,12 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from pipeline import paths
+from pipeline.checkpoint import epoch_history
 from pipeline.errors import PipelineError, masked
 from pipeline.fileio import atomic_write_json
+from pipeline.stages import train_stage
 from pipeline.studyspec import FIXED_DESIGNS, Range, StudySpec, TrialSpec, base_overrides, expand_trials, point_key
-from pipeline.train import StopEarly, epoch_history, train_stage
+from pipeline.train import StopEarly
 
 HEARTBEAT_EVERY_S = 5.0
 STALE_AFTER_S = 60.0

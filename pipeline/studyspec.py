@@ -23,11 +23,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import ConfigError, RunConfig, build_config
+from pipeline.vae.priors import PRIORS
 
 SAMPLERS = ("grid", "ofat", "tpe", "random", "nsga2")
 FIXED_DESIGNS = ("grid", "ofat")
 PRUNERS = ("none", "median", "hyperband")
 
+# Defined only for priors that factorize over latent dimensions (pipeline.evaluate leaves them out otherwise).
+PER_DIMENSION_KL_METRICS = ("test/kl_dim_max", "test/collapsed_dims")
 # Metrics a study may optimise or rank by: what training and evaluation record for every run.
 OBJECTIVE_METRICS = (
     "val/elbo", "val/recon_nll", "val/kl",
@@ -88,6 +91,9 @@ class StudySpec(_Strict):
     sampler: Literal["grid", "ofat", "tpe", "random", "nsga2"] = "grid"
     space: dict[str, list[Any] | Range]
     baseline: dict[str, Any] = {}
+    # Fixed designs: points to leave out, each a {factor: level or [levels]} that a point matches when it
+    # has one of the listed levels for every factor named (combinations that make no sense together).
+    exclude: list[dict[str, Any]] = []
     seeds: list[int] = Field(default=[0], min_length=1)
     objectives: list[Objective] = Field(min_length=1)
     n_trials: int | None = Field(None, ge=1)
@@ -126,6 +132,18 @@ class StudySpec(_Strict):
                 )
         elif self.baseline and self.sampler != "grid":
             raise ValueError(f"baseline: only used by ofat and grid (as the reference config), not {self.sampler}")
+        if self.exclude and not fixed:
+            raise ValueError(f"exclude: sampler {self.sampler} draws points itself and cannot leave combinations out; "
+                             "narrow the space instead, or use a grid")
+        for i, rule in enumerate(self.exclude):
+            if not rule:
+                raise ValueError(f"exclude[{i}]: name at least one factor and its level(s)")
+            for key, levels in rule.items():
+                if key not in self.space:
+                    raise ValueError(f"exclude[{i}].{key}: not a factor of this study ({', '.join(self.space)})")
+                unknown = [v for v in _as_list(levels) if v not in self.space[key]]
+                if unknown:
+                    raise ValueError(f"exclude[{i}].{key}: {unknown} not among its levels {self.space[key]}")
         return self
 
     @property
@@ -148,6 +166,15 @@ class TrialSpec:
     @property
     def config_hash(self) -> str:
         return self.config().result_hash()
+
+
+def _as_list(levels: Any) -> list:
+    return levels if isinstance(levels, list) else [levels]
+
+
+def excluded(point: dict[str, Any], rules: list[dict[str, Any]]) -> bool:
+    """Whether a design point matches one of the study's `exclude` rules."""
+    return any(all(point.get(k) in _as_list(v) for k, v in rule.items()) for rule in rules)
 
 
 def _normalize_keys(d: dict[str, Any]) -> dict[str, Any]:
@@ -191,6 +218,8 @@ def parse_study(data: dict[str, Any], path: str = "<study>") -> StudySpec:
     for key in ("base", "space", "baseline"):
         if isinstance(data.get(key), dict):
             data[key] = _normalize_keys(data[key])
+    if isinstance(data.get("exclude"), list):
+        data["exclude"] = [_normalize_keys(r) if isinstance(r, dict) else r for r in data["exclude"]]
     try:
         spec = StudySpec.model_validate(data)
     except ValidationError as e:
@@ -208,7 +237,39 @@ def parse_study(data: dict[str, Any], path: str = "<study>") -> StudySpec:
             _check_config({**base, key: v}, f"{path}: space.{key}={v!r}")
     for key, v in spec.baseline.items():
         _check_config({**base, key: v}, f"{path}: baseline.{key}={v!r}")
+    _check_combinations(spec, base, path)
     return spec
+
+
+def _check_combinations(spec: StudySpec, base: dict[str, Any], path: str) -> None:
+    """Levels valid one by one can still clash (e.g. free bits per dimension with a mixture prior): every
+    point of a fixed design, or every combination of a search's listed levels, must be a valid config."""
+    if spec.sampler in FIXED_DESIGNS:
+        points = design_points(spec)
+    else:
+        listed = {k: v for k, v in spec.space.items() if isinstance(v, list)}
+        points = [dict(zip(listed, combo)) for combo in itertools.product(*listed.values())]
+    if not points:
+        raise ConfigError(f"{path}: exclude leaves no point of the design to run")
+    per_dim = [o.metric for o in spec.objectives if o.metric in PER_DIMENSION_KL_METRICS]
+    bad = []
+    for point in points:
+        try:
+            cfg = build_config({}, {**base, **point})
+        except ConfigError as e:
+            bad.append((point, str(e).removeprefix("invalid config:").strip()))
+            continue
+        if per_dim and not PRIORS[cfg.prior.name].factorized:
+            bad.append((point, f"objective {per_dim[0]} is a per-dimension KL measure, undefined for prior.name="
+                               f"{cfg.prior.name!r} (it does not factorize); use test/active_units or test/mutual_info"))
+    if not bad:
+        return
+    shown = "\n  ".join(f"{', '.join(f'{k}={v!r}' for k, v in p.items())}: {why}" for p, why in bad[:3])
+    more = f"\n  … and {len(bad) - 3} more" if len(bad) > 3 else ""
+    fix = ("leave such combinations out with `exclude:` (e.g. exclude: [{prior.name: [mog, vamp], "
+           "objective.free_bits: per_dim}]) or change the levels" if spec.sampler in FIXED_DESIGNS else
+           "a search may draw any combination of its levels: remove one of the clashing levels")
+    raise ConfigError(f"{path}: {len(bad)} point(s) of the design are not valid configs:\n  {shown}{more}\n  {fix}")
 
 
 def load_study(path: str | Path) -> StudySpec:
@@ -230,13 +291,14 @@ def design_points(spec: StudySpec) -> list[dict[str, Any]]:
     """The points of a fixed design, in a stable order."""
     if spec.sampler == "grid":
         keys = spec.factors
-        return [dict(zip(keys, combo)) for combo in itertools.product(*(spec.space[k] for k in keys))]
+        points = [dict(zip(keys, combo)) for combo in itertools.product(*(spec.space[k] for k in keys))]
+        return [p for p in points if not excluded(p, spec.exclude)]
     if spec.sampler == "ofat":
         # The baseline, then each factor moved alone through its other levels (the classic ablation).
         points = [dict(spec.baseline)]
         for key in spec.factors:
             for level in spec.space[key]:
-                if level != spec.baseline[key]:
+                if level != spec.baseline[key] and not excluded({**spec.baseline, key: level}, spec.exclude):
                     points.append({**spec.baseline, key: level})
         return points
     raise ValueError(f"sampler {spec.sampler} has no fixed design; it draws points from the space")

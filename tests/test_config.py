@@ -21,6 +21,47 @@ def test_defaults_validate_and_hash_is_stable():
     assert build_config(overrides=["train.device=cpu", "tracking.experiment=x"]).result_hash() == a.result_hash()
 
 
+# The hashes of the first release: run directories of unfinished studies are named after them.
+DEFAULT_HASH = "4d686b607071"
+DEMO_TRIAL_HASHES = ["2439b0285085", "cc645970a913", "08fc540d92ed", "7fd92afdde94"]
+# For every weight-changing key added after the first release: a non-default value and the overrides
+# under which it matters. A new key must be added here: the test below fails until it is.
+ADDED_KEY_VALUES = {
+    "prior.name": ("mog", ["objective.free_bits=total"]),
+    "prior.components": (11, ["prior.name=vamp"]),
+    "prior.init": ("noise", ["prior.name=vamp"]),
+}
+
+
+def test_existing_configs_keep_their_hashes_after_keys_were_added():
+    from pipeline.studyspec import expand_trials, load_study
+
+    assert build_config().result_hash() == DEFAULT_HASH
+    assert [t.config_hash for t in expand_trials(load_study(REPO / "studies" / "demo.yaml"))] == DEMO_TRIAL_HASHES
+    # Writing an added key at its default is the old config: same hash, same run directory.
+    assert build_config(overrides=["prior.name=standard_normal", "prior.components=10"]).result_hash() == DEFAULT_HASH
+    # A prior option the standard normal does not read cannot change its weights, nor the hash.
+    assert build_config(overrides=["prior.components=50", "prior.init=noise"]).result_hash() == DEFAULT_HASH
+    mog = ["prior.name=mog", "objective.free_bits=total"]
+    assert build_config(overrides=[*mog, "prior.init=noise"]).result_hash() == build_config(overrides=mog).result_hash()
+
+
+def test_every_weight_changing_key_changes_the_hash():
+    from pipeline.config import HASHED_SINCE_V1, RunConfig, flatten
+
+    keys = set(flatten(RunConfig().to_dict()))
+    not_weights = {"train.device"} | {k for k in keys if k.split(".")[0] in ("tracking", "eval")}
+    assert keys - HASHED_SINCE_V1 - not_weights == set(ADDED_KEY_VALUES), \
+        "a key was added: give it a non-default value in ADDED_KEY_VALUES"
+    for key, (value, context) in ADDED_KEY_VALUES.items():
+        assert build_config(overrides=[*context, f"{key}={value}"]).result_hash() != \
+            build_config(overrides=context).result_hash(), key
+    v1_changes = {"objective.beta": 2.0, "model.latent_dim": 8, "train.seed": 1, "data.train_subset": 100,
+                  "train.grad_clip": None, "likelihood.scale": 0.2, "train.precision": "bf16"}
+    hashes = {build_config(overrides={key: value}).result_hash() for key, value in v1_changes.items()}
+    assert len(hashes | {DEFAULT_HASH}) == len(v1_changes) + 1  # each changes the hash, each differently
+
+
 def test_unknown_key_names_itself_and_the_allowed_keys():
     with pytest.raises(ConfigError) as e:
         build_config(overrides=["model.latnt_dim=8"])

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.config import build_config
 from pipeline.evaluate import METRICS_FILE, evaluate_stage
 from pipeline.fileio import atomic_torch_save
-from pipeline.train import CHECKPOINT, load_checkpoint, train_stage
+from pipeline.stages import train_stage
 
 from .conftest import subprocess_env
 

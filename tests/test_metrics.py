@@ -11,7 +11,8 @@ from torch import nn
 
 from pipeline import metrics
 from pipeline.likelihoods import LIKELIHOODS, LikelihoodOptions
-from pipeline.models import Posterior
+from pipeline.vae import VAE, DiagonalGaussian
+from pipeline.vae.priors import StandardNormal
 
 
 def _gen(seed=0):
@@ -59,31 +60,46 @@ def test_kl_stats_count_collapsed_dimensions():
 
 
 # --- likelihood: a linear-Gaussian VAE (probabilistic PCA) has an exact log-likelihood -------------
-class _LinearGaussianVAE(nn.Module):
-    """x = W z + b + ε, ε ~ N(0, σ²I), with orthogonal W so the true posterior is diagonal."""
+class _LinearEncoder(nn.Module):
+    def __init__(self, ppca):
+        super().__init__()
+        self.ppca = ppca
+
+    def forward(self, x):
+        # Exact posterior: precision M = WᵀW/σ² + I (diagonal here), mean M⁻¹Wᵀ(x − b)/σ².
+        p = self.ppca
+        m = (p.W * p.W).sum(0) / p.sigma**2 + 1
+        mean = (x.flatten(1) - p.b) @ p.W / p.sigma**2 / m
+        logvar = torch.log(p.var_scale / m).expand_as(mean)
+        return DiagonalGaussian(mean + p.mean_shift, logvar)
+
+
+class _LinearDecoder(nn.Module):
+    def __init__(self, ppca):
+        super().__init__()
+        self.ppca = ppca
+
+    def forward(self, z):
+        return (z @ self.ppca.W.T + self.ppca.b).view(-1, 1, 1, 28, 28)
+
+
+class _LinearGaussianVAE:
+    """x = W z + b + ε, ε ~ N(0, σ²I), with orthogonal W so the true posterior is diagonal; `vae` is the
+    pipeline's VAE with that decoder, a Gaussian likelihood and the exact (or a shifted/widened) posterior."""
 
     def __init__(self, latent=3, sigma=0.3, mean_shift=0.0, var_scale=1.0, seed=0):
-        super().__init__()
         q, _ = torch.linalg.qr(torch.randn(784, latent, generator=_gen(seed)))
         self.W = q * torch.tensor([3.0, 2.0, 1.0][:latent])
         self.b = torch.full((784,), 0.5)
         self.sigma, self.latent = sigma, latent
         self.mean_shift, self.var_scale = mean_shift, var_scale
+        self.vae = VAE(_LinearEncoder(self), _LinearDecoder(self), StandardNormal(latent), LIKELIHOODS["gaussian"],
+                       LikelihoodOptions(scale=sigma))
 
     def exact_log_px(self, x):
         flat = x.flatten(1)
         dist = D.LowRankMultivariateNormal(self.b, self.W, torch.full((784,), self.sigma**2))
         return dist.log_prob(flat)
-
-    def encoder(self, x):
-        # Exact posterior: precision M = WᵀW/σ² + I (diagonal here), mean M⁻¹Wᵀ(x − b)/σ².
-        m = (self.W * self.W).sum(0) / self.sigma**2 + 1
-        mean = (x.flatten(1) - self.b) @ self.W / self.sigma**2 / m
-        logvar = torch.log(self.var_scale / m).expand_as(mean)
-        return Posterior(mean + self.mean_shift, logvar)
-
-    def decoder(self, z):
-        return (z @ self.W.T + self.b).view(-1, 1, 1, 28, 28)
 
     def sample(self, n, seed):
         g = _gen(seed)
@@ -92,8 +108,7 @@ class _LinearGaussianVAE(nn.Module):
 
 
 def _iwae(model, x, k, seed):
-    opts = LikelihoodOptions(scale=model.sigma)
-    return metrics.iwae_log_likelihood(model, x, LIKELIHOODS["gaussian"], opts, k=k, chunk=250, generator=_gen(seed))
+    return metrics.iwae_log_likelihood(model.vae, x, k=k, chunk=250, generator=_gen(seed))
 
 
 def test_iwae_with_the_exact_posterior_is_the_exact_log_likelihood_for_any_k():
@@ -128,10 +143,9 @@ def test_iwae_chunks_combine_exactly_including_a_partial_last_chunk():
     # exactly; a wrong running log-sum-exp or a miscounted last chunk would shift it by log(k'/k).
     model = _LinearGaussianVAE()
     x = model.sample(4, seed=9)
-    opts = LikelihoodOptions(scale=model.sigma)
     exact = model.exact_log_px(x).double()
     for k, chunk in [(200, 7), (200, 200), (13, 5)]:
-        got = metrics.iwae_log_likelihood(model, x, LIKELIHOODS["gaussian"], opts, k=k, chunk=chunk, generator=_gen(1))
+        got = metrics.iwae_log_likelihood(model.vae, x, k=k, chunk=chunk, generator=_gen(1))
         torch.testing.assert_close(got, exact, atol=2e-2, rtol=0)
 
 
@@ -152,13 +166,13 @@ def test_z_usage_gap_is_zero_for_a_decoder_that_ignores_z_and_large_for_one_that
     model = _LinearGaussianVAE()
     x = model.sample(256, seed=10)
     lik, opts = LIKELIHOODS["gaussian"], LikelihoodOptions(scale=model.sigma)
-    z = model.encoder(x).mu
-    uses_z = metrics.z_usage_gap(model.decoder, z, x, lik, opts)
+    z = model.vae.posterior(x).mu
+    uses_z = metrics.z_usage_gap(lambda codes: model.vae.recon_nll(x, codes), z)
 
-    def ignores_z(codes):
-        return model.b.expand(codes.shape[0], 784).reshape(-1, 1, 1, 28, 28)
+    def ignores_z(codes):  # −log p(x|z) of a decoder that outputs b whatever the code
+        return -lik.log_prob(model.b.expand(codes.shape[0], 784).reshape(-1, 1, 1, 28, 28), x, opts).log_px
 
-    assert metrics.z_usage_gap(ignores_z, z, x, lik, opts) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.z_usage_gap(ignores_z, z) == pytest.approx(0.0, abs=1e-6)
     assert uses_z > 100
 
 

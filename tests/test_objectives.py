@@ -9,7 +9,8 @@ import torch
 from torch import distributions as D
 
 from pipeline.config import ObjectiveConfig
-from pipeline.objectives import FREE_BITS_MODES, beta_at, kl_per_dim
+from pipeline.objectives import FREE_BITS_MODES, beta_at
+from pipeline.vae.posterior import kl_to_standard_normal as kl_per_dim
 
 
 def test_kl_per_dim_matches_torch_closed_form():
@@ -36,7 +37,8 @@ def test_kl_per_dim_matches_monte_carlo():
 def test_free_bits_pass_zero_gradient_below_lambda(mode):
     mu = torch.full((16, 4), 0.05, requires_grad=True)  # KL_j = 0.00125 nats per dim, far below λ
     logvar = torch.zeros(16, 4, requires_grad=True)
-    penalized = FREE_BITS_MODES[mode](kl_per_dim(mu, logvar), 0.5)
+    kl = kl_per_dim(mu, logvar)
+    penalized = FREE_BITS_MODES[mode](kl.sum(1), kl, 0.5)
     penalized.backward()
     assert mu.grad.abs().max() == 0 and logvar.grad.abs().max() == 0
     expected = 0.5 * 4 if mode == "per_dim" else 0.5
@@ -48,7 +50,7 @@ def test_free_bits_pass_the_full_gradient_above_lambda(mode):
     mu = torch.full((16, 4), 2.0, requires_grad=True)  # KL_j = 2 nats per dim
     logvar = torch.zeros(16, 4)
     kl = kl_per_dim(mu, logvar)
-    FREE_BITS_MODES[mode](kl, 0.5).backward()
+    FREE_BITS_MODES[mode](kl.sum(1), kl, 0.5).backward()
     # d/dμ of the batch-mean KL: μ / B.
     torch.testing.assert_close(mu.grad, torch.full_like(mu, 2.0 / 16))
 
@@ -56,14 +58,14 @@ def test_free_bits_pass_the_full_gradient_above_lambda(mode):
 def test_free_bits_per_dim_only_frees_the_dimensions_below_lambda():
     mu = torch.tensor([[0.1, 2.0]] * 8, requires_grad=True)
     kl = kl_per_dim(mu, torch.zeros(8, 2))
-    FREE_BITS_MODES["per_dim"](kl, 0.5).backward()
+    FREE_BITS_MODES["per_dim"](kl.sum(1), kl, 0.5).backward()
     assert mu.grad[:, 0].abs().max() == 0
     assert mu.grad[:, 1].abs().min() > 0
 
 
 def test_free_bits_none_is_the_plain_batch_mean_kl():
     kl = torch.rand(5, 3)
-    assert float(FREE_BITS_MODES["none"](kl, 10.0)) == pytest.approx(float(kl.sum(1).mean()))
+    assert float(FREE_BITS_MODES["none"](kl.sum(1), kl, 10.0)) == pytest.approx(float(kl.sum(1).mean()))
 
 
 def _obj(**kw):

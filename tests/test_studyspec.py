@@ -148,3 +148,56 @@ def test_a_range_that_optuna_could_not_sample_is_refused_on_load(bad, message):
     with pytest.raises(ConfigError, match=message):
         parse_study({"name": "r", "sampler": "tpe", "n_trials": 3, "space": {"objective.beta": bad},
                      "objectives": [{"metric": "test/iwae_nll", "direction": "minimize"}]})
+
+
+def test_exclude_leaves_combinations_out_of_a_grid_and_keeps_the_order():
+    spec = parse_study(_with(space={"prior.name": ["standard_normal", "mog"], "objective.free_bits": ["none", "per_dim"]},
+                             exclude=[{"prior.name": "mog", "objective.free_bits": ["per_dim"]}]))
+    assert design_points(spec) == [
+        {"prior.name": "standard_normal", "objective.free_bits": "none"},
+        {"prior.name": "standard_normal", "objective.free_bits": "per_dim"},
+        {"prior.name": "mog", "objective.free_bits": "none"},
+    ]
+
+
+def test_clashing_levels_are_named_with_the_fix_before_anything_runs():
+    space = {"prior.name": ["standard_normal", "vamp"], "objective.free_bits": ["none", "per_dim"]}
+    with pytest.raises(ConfigError) as err:
+        parse_study(_with(space=space))
+    text = str(err.value)
+    assert "1 point(s)" in text and "prior.name='vamp', objective.free_bits='per_dim'" in text and "exclude:" in text
+    with pytest.raises(ConfigError, match="remove one of the clashing levels"):
+        parse_study(_with(sampler="random", n_trials=4, space=space))
+    # An objective that only a factorizing prior records is refused for the others.
+    with pytest.raises(ConfigError, match="test/collapsed_dims is a per-dimension KL measure"):
+        parse_study(_with(space={"prior.name": ["standard_normal", "mog"]},
+                          objectives=[{"metric": "test/collapsed_dims", "direction": "minimize"}]))
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"sampler": "tpe", "n_trials": 3, "exclude": [{"objective.beta": 1}]}, "cannot leave combinations out"),
+    ({"exclude": [{"model.latent_dim": 4}]}, "not a factor of this study"),
+    ({"exclude": [{"objective.beta": 3}]}, "not among its levels"),
+    ({"exclude": [{"objective.beta": [1, 4]}]}, "exclude leaves no point"),
+])
+def test_bad_exclude_rules_are_explained(changes, needle):
+    with pytest.raises(ConfigError, match=needle):
+        parse_study(_with(**changes))
+
+
+def test_full_factorial_keeps_the_trials_it_had_before_the_prior_factor():
+    """An upgrade must not renumber a running study: the standard-normal block of the grid is the old grid,
+    trial for trial (index, point and config hash, hence run directory)."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "studies" / "full_factorial.yaml").read_text())
+    assert next(iter(data["space"])) == "prior.name" and data["space"]["prior.name"][0] == "standard_normal"
+    old = {**data, "space": {k: v for k, v in data["space"].items() if k != "prior.name"}}
+    old.pop("exclude")
+    before, after = expand_trials(parse_study(old)), expand_trials(parse_study(data))
+    assert len(before) == 864 * 3 and len(after) == (864 + 2 * 576) * 3
+    for b, a in zip(before, after):
+        assert (a.index, a.seed, a.config_hash) == (b.index, b.seed, b.config_hash)
+        assert a.point == {"prior.name": "standard_normal", **b.point}
+    assert not any(t.point["prior.name"] != "standard_normal" and t.point["objective.free_bits"] == "per_dim"
+                   for t in after)

@@ -9,14 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline import train as train_mod
+from pipeline.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.config import build_config
 from pipeline.likelihoods import LIKELIHOODS, Likelihood, LogProb, bernoulli_log_prob, bernoulli_mean
-from pipeline.train import CHECKPOINT, EPOCH_KEYS, PER_STEP_KEYS, SIGMA_KEY, load_checkpoint, train_stage
+from pipeline.stages import train_stage
+from pipeline.train import EPOCH_KEYS, PER_STEP_KEYS, SIGMA_KEY
 
 from .conftest import subprocess_env
 
@@ -64,7 +67,7 @@ def test_two_epoch_run_tracks_every_step_once(home):
         assert [s for s, _ in _history(result.run_id, key)] == [8, 16]
     # Validation scores held-out data with the σ the last epoch learned, kept in the checkpoint.
     sigmas = [v for _, v in _history(result.run_id, SIGMA_KEY)]
-    assert load_checkpoint(train_mod.Path(result.run_dir) / CHECKPOINT)["sigma_star"] == pytest.approx(
+    assert load_checkpoint(Path(result.run_dir) / CHECKPOINT)["sigma_star"] == pytest.approx(
         sum(sigmas[8:]) / 8, rel=1e-6)
     betas = [v for _, v in _history(result.run_id, "train/beta")]
     assert betas[0] == 0.0 and betas[5] == pytest.approx(0.5) and betas[15] == pytest.approx(1.0)
@@ -196,7 +199,7 @@ def test_divergence_ends_failed_with_reason_and_keeps_last_good_checkpoint(home,
     run = get_run(result.run_id)
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "diverged"
     # Epoch 1 is 8 steps plus a 5-batch validation pass; the 21st call is step 15, in epoch 2.
-    ck = load_checkpoint(result.run_dir and train_mod.Path(result.run_dir) / CHECKPOINT)
+    ck = load_checkpoint(result.run_dir and Path(result.run_dir) / CHECKPOINT)
     assert ck["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
     # Only finite points were logged, one per step, up to the divergence.
@@ -217,7 +220,7 @@ def test_every_likelihood_and_arch_trains_without_nan(home, likelihood, arch):
     ])
     result = train_stage(cfg, **QUIET)
     assert result.status == "finished" and torch.isfinite(torch.tensor(list(result.val.values()))).all()
-    evaluated = json.loads((train_mod.Path(result.run_dir) / "metrics.json").read_text())["metrics"]
+    evaluated = json.loads((Path(result.run_dir) / "metrics.json").read_text())["metrics"]
     # Bernoulli on grey levels is not a likelihood of 8-bit data: it alone has no bits/dim.
     no_bpd = {"test/bits_per_dim"} if likelihood == "bernoulli" else set()
     assert all(math.isfinite(v) for k, v in evaluated.items() if k not in no_bpd), evaluated

@@ -46,7 +46,7 @@ def _figures():
 def summary_frame(a):
     """summary.csv: identity and verdict columns first, then `<metric>.<stat>` for every test metric."""
     s = a.summary
-    head = ["config", "point", *(f.key for f in a.factors), "latent_dim", "seeds", "n_runs", "verdict",
+    head = ["config", "point", *(f.key for f in a.factors), "latent_dim", "prior", "seeds", "n_runs", "verdict",
             "seed_verdicts", "rank"]
     if s.empty:
         return pd.DataFrame(columns=head)  # no finished config yet: the header still says what will come

@@ -40,6 +40,8 @@ FACTOR_NAMES = {
     "model.latent_dim": ("d", "latent dimensions"),
     "model.hidden_dim": ("hidden", "hidden units"),
     "model.arch": ("arch", "architecture"),
+    "prior.name": ("prior", "prior p(z)"),
+    "prior.components": ("K", "prior components"),
     "train.epochs": ("epochs", "training epochs"),
     "train.lr": ("lr", "learning rate"),
     "train.batch_size": ("batch", "batch size (images)"),
@@ -120,7 +122,7 @@ class StudyData:
     runs: pd.DataFrame  # one row per child run
     trials: pd.DataFrame  # one row per logical trial, expected or seen
     curves: pd.DataFrame  # run_id, key, step, value: bin means of the per-step training curves
-    kl_per_dim: dict[str, np.ndarray]  # run_id → mean KL per latent dimension (nats)
+    kl_per_dim: dict[str, np.ndarray]  # run_id → mean KL per latent dimension (nats); factorizing priors only
     parent_run_id: str | None
     notes: list[str] = field(default_factory=list)  # what could not be read, for the report to say
     compute_seconds: float = math.nan  # summed Optuna attempts, start to finish (NaN: no Optuna storage)
@@ -167,12 +169,13 @@ def _runs_table(spec: StudySpec, factors: list[Factor], records: list[dict]) -> 
             "duration_s": (end_ms - rec["start_ms"]) / 1000 if end_ms and rec["start_ms"] else math.nan,
             "run_dir": tags.get("run_dir"),
             "latent_dim": int(float(params["model.latent_dim"])) if "model.latent_dim" in params else -1,
+            "prior": params.get("prior.name", "standard_normal"),  # runs from before priors existed
             "config": config_label(point, factors),
             **point,
             **{k: v for k, v in metrics.items() if k.startswith("test/")},
         })
     cols = ["run_id", "status", "trial", "seed", "point", "failure_reason", "duration_s", "run_dir", "latent_dim",
-            "config", *(f.key for f in factors)]
+            "prior", "config", *(f.key for f in factors)]
     runs = pd.DataFrame(rows, columns=None if rows else cols)
     return runs.sort_values(["trial", "seed"], kind="stable").reset_index(drop=True) if rows else runs
 

@@ -25,6 +25,7 @@ from pipeline.metrics import COLLAPSED_KL  # noqa: E402
 from pipeline.report.analysis import Analysis  # noqa: E402
 from pipeline.report.collect import CURVE_BINS, Factor, fmt_level  # noqa: E402
 from pipeline.report.stats import LEVEL, t_interval, welch_difference  # noqa: E402
+from pipeline.report.verdict import prior_factorizes  # noqa: E402
 
 VERDICT_COLORS = {"collapsed": "#c44e52", "partial": "#dd8452", "healthy": "#55a868", "n/a": "#8c8c8c"}
 SHARPNESS = (("laplacian", "variance of the Laplacian"), ("tenengrad", "Tenengrad"), ("hf_energy", "high-frequency energy"))
@@ -241,7 +242,11 @@ def kl_heatmap(a: Analysis, out: Path) -> Figure | str:
             padded[i, : len(v)] = v
         rows.append(np.nanmean(padded, axis=0))
         labels.append(f"{cfg.config}  [{cfg.verdict}]")
+    no_kl = sorted({c for c, p in zip(shown.config, shown.prior) if not prior_factorizes(p)})
     if not rows:
+        if no_kl:
+            return ("No config shown has a per-dimension KL: their priors do not factorize over dimensions, so the KL "
+                    "of one dimension is not defined. Active units and I(x; z) below are the prior-free view.")
         return "No finished run has a KL-per-dimension vector (eval/kl_per_dim.json) yet."
     width = max(len(r) for r in rows)
     mat = np.full((len(rows), width), np.nan)
@@ -268,6 +273,9 @@ def kl_heatmap(a: Analysis, out: Path) -> Figure | str:
                f"dimensions ranked by their KL within each seed, then averaged over seeds. Dimensions below "
                f"{COLLAPSED_KL} nats (white line on the colour bar; darker) carry no information. Row labels are "
                f"coloured by verdict.{nan_note}")
+    if no_kl:
+        caption += (f" Not shown: {len(no_kl)} config(s) whose prior does not factorize over dimensions (no "
+                    "per-dimension KL is defined for it).")
     return save(fig, "kl_per_dimension", out, caption)
 
 

@@ -13,7 +13,7 @@ from pipeline.report.analysis import Analysis
 from pipeline.report.collect import STATES, fmt_level
 from pipeline.report.render import Bullets, Document, FigureBlock, Section, Table, Text
 from pipeline.report.stats import INTERVAL_NOTE, welch_difference
-from pipeline.report.verdict import ONSET_RULE, RULE
+from pipeline.report.verdict import ONSET_RULE, RULE, measures_of, prior_factorizes
 
 
 def mean_ci(row: pd.Series, metric: str) -> str:
@@ -128,14 +128,18 @@ def _verdict_table(a: Analysis) -> Table:
         onset = ", ".join("–" if o is None else f"{o:.0f}" for o in onsets) if any(o is not None for o in onsets) else "–"
         d = int(r.latent_dim)
         informative = d - r.get("test/collapsed_dims.mean", math.nan)
-        rows.append({"config": r.config, "verdict": r.verdict, "seeds disagree": r.seed_verdicts or "–",
+        kl_dims = (f"{informative:.3g}" if np.isfinite(informative) else "–") if prior_factorizes(r.prior) else "n/a"
+        rows.append({"config": r.config, "verdict": r.verdict, "rests on": measures_of(r.prior),
+                     "seeds disagree": r.seed_verdicts or "–",
                      "d": d, "active units": mean_ci(r, "test/active_units"),
-                     "dims with KL ≥ 0.01": f"{informative:.3g}" if np.isfinite(informative) else "–",
+                     "dims with KL ≥ 0.01": kl_dims,
                      "I(x;z) (nats)": mean_ci(r, "test/mutual_info"),
                      "z-usage gap (nats)": mean_ci(r, "test/z_usage_gap"),
                      "onset (step, per seed)": onset})
     return Table(pd.DataFrame(rows), "Collapse verdict per config with the measures it rests on (means over seeds "
-                                     "[95% t-interval]) and the collapse onset of each seed's run.")
+                                     "[95% t-interval]) and the collapse onset of each seed's run. AU: active units; "
+                                     "KL dims: dimensions with mean KL ≥ 0.01 nats, n/a where the prior does not "
+                                     "factorize; MI: I(x; z); z-gap: the z-usage gap.")
 
 
 def _figure(figs: dict, name: str, title: str) -> FigureBlock:
@@ -147,6 +151,12 @@ def _figure(figs: dict, name: str, title: str) -> FigureBlock:
 
 def collapse(a: Analysis, figs: dict) -> Section:
     blocks: list = [Text("**The rule.** " + RULE), Text(ONSET_RULE)]
+    mixed = sorted({p for p in a.finished.get("prior", []) if not prior_factorizes(p)})
+    if mixed:
+        blocks.append(Text(f"**Priors.** This study has runs with priors that do not factorize over dimensions "
+                           f"({', '.join(f'`{p}`' for p in mixed)}): their verdicts rest on active units, I(x; z) and "
+                           "the z-usage gap, they have no row in the KL-per-dimension figure, and their `test/kl` "
+                           "(rate) is a Monte Carlo estimate."))
     if not a.summary.empty:
         blocks.append(_verdict_table(a))
     blocks += [_figure(figs, "kl_per_dimension", "KL per dimension"),

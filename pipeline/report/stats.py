@@ -64,7 +64,7 @@ def config_summary(runs: pd.DataFrame, factor_keys: list[str], metrics: list[str
     for point, group in finished.groupby("point", sort=False):
         first = group.iloc[0]
         row = {"config": first["config"], "point": point, **{k: first[k] for k in factor_keys},
-               "latent_dim": int(first["latent_dim"]), "seeds": " ".join(str(s) for s in sorted(group.seed)),
+               "latent_dim": int(first["latent_dim"]), "prior": first["prior"], "seeds": " ".join(str(s) for s in sorted(group.seed)),
                "n_runs": len(group)}
         for m in metrics:
             values = group[m].tolist() if m in group else []

@@ -6,6 +6,8 @@ so the rule combines four the evaluate stage records (DESIGN.md §4): active uni
 2015: Cov_x E_q[z_j] > 0.01), the mutual information I(x; z) under the aggregate posterior (He et
 al. 2019), the per-dimension KL (a dimension carries information when its mean KL ≥ 0.01 nats) and
 z_usage_gap (how much worse the decoder reconstructs from another image's z: ≈ 0 when it ignores z).
+The per-dimension KL exists only for a prior that factorizes over dimensions; for the others (a
+mixture of Gaussians, the VampPrior) the rule rests on the three measures that never look at the prior.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import numpy as np
 
 from pipeline.metrics import ACTIVE_UNIT_THRESHOLD, COLLAPSED_KL
+from pipeline.vae.priors import PRIORS
 
 MI_FLOOR = 0.1  # nats: below this, z tells almost nothing about x (a code of two equally likely values has 0.69)
 Z_GAP_FLOOR = 1.0  # nats per image: decoding another image's z costs less than this ⇒ the decoder ignores z
@@ -29,26 +32,41 @@ RULE = (
     f"or z_usage_gap < {Z_GAP_FLOOR:g} nat per image (decoding another image's z costs almost nothing: the decoder "
     f"ignores z). **partial** when not collapsed but fewer than {USED_FRACTION:.0%} of the d latent dimensions are "
     f"in use (active units < d/2 or dimensions with KL ≥ {COLLAPSED_KL} nats < d/2). **healthy** otherwise. "
-    "A config's verdict applies the rule to its means over seeds; the seeds' own verdicts are listed when they disagree."
+    "A config's verdict applies the rule to its means over seeds; the seeds' own verdicts are listed when they disagree. "
+    "With a prior that does not factorize over dimensions (" + ", ".join(n for n, e in PRIORS.items() if not e.factorized)
+    + ") the KL of one dimension is not defined, so the KL clauses are dropped: the verdict rests on active units, "
+    "I(x; z) and the z-usage gap, which never look at the prior."
 )
 
 ONSET_RULE = (
     f"Collapse onset: the training curves are averaged in step bins (200 over the longest run); the onset is the first "
     f"bin from which the "
     f"mean train/kl stays below {COLLAPSED_KL} nats × d (every dimension at the collapsed level) until the end of "
-    "training. A run whose final KL is above that has no onset."
+    "training. A run whose final KL is above that has no onset. For a prior without a closed-form KL (mog, vamp) "
+    "train/kl is the one-sample Monte Carlo estimate log q(z|x) − log p(z): unbiased, noisier per step, smoothed "
+    "by the binning."
 )
 
 
-def verdict(active_units: float, latent_dim: int, informative_dims: float, mutual_info: float,
+def prior_factorizes(name) -> bool:
+    """Whether a run's prior has a per-dimension KL; an unknown name (a newer version's prior) counts as not."""
+    entry = PRIORS.get(name if isinstance(name, str) else "standard_normal")
+    return bool(entry and entry.factorized)
+
+
+def verdict(active_units: float, latent_dim: int, informative_dims: float | None, mutual_info: float,
             z_usage_gap: float) -> str:
-    """collapsed / partial / healthy (see RULE); 'n/a' when a needed metric is missing."""
-    values = (active_units, informative_dims, mutual_info, z_usage_gap)
+    """collapsed / partial / healthy (see RULE); 'n/a' when a needed metric is missing.
+
+    informative_dims: dimensions with mean KL ≥ COLLAPSED_KL, or None where the prior does not
+    factorize (the KL clauses are then left out)."""
+    values = (active_units, mutual_info, z_usage_gap) + (() if informative_dims is None else (informative_dims,))
     if latent_dim <= 0 or any(v is None or not np.isfinite(v) for v in values):
         return "n/a"
-    if active_units < 0.5 or informative_dims < 0.5 or mutual_info < MI_FLOOR or z_usage_gap < Z_GAP_FLOOR:
+    informative = latent_dim if informative_dims is None else informative_dims
+    if active_units < 0.5 or informative < 0.5 or mutual_info < MI_FLOOR or z_usage_gap < Z_GAP_FLOOR:
         return "collapsed"
-    if active_units < USED_FRACTION * latent_dim or informative_dims < USED_FRACTION * latent_dim:
+    if active_units < USED_FRACTION * latent_dim or informative < USED_FRACTION * latent_dim:
         return "partial"
     return "healthy"
 
@@ -60,8 +78,13 @@ def verdict_of(row, suffix: str = "") -> str:
         return math.nan if v is None else float(v)
 
     d = int(row.get("latent_dim", -1))
-    return verdict(get("test/active_units"), d, d - get("test/collapsed_dims"), get("test/mutual_info"),
-                   get("test/z_usage_gap"))
+    informative = d - get("test/collapsed_dims") if prior_factorizes(row.get("prior")) else None
+    return verdict(get("test/active_units"), d, informative, get("test/mutual_info"), get("test/z_usage_gap"))
+
+
+def measures_of(prior) -> str:
+    """The measures a verdict rests on, for the verdict table."""
+    return "AU, KL dims, MI, z-gap" if prior_factorizes(prior) else "AU, MI, z-gap (prior-free)"
 
 
 def collapse_onset(steps: np.ndarray, kl: np.ndarray, latent_dim: int) -> float | None:

@@ -1,0 +1,35 @@
+"""A run directory's checkpoint: its name, loading it, and rebuilding the VAE it holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import RunConfig, build_config
+from pipeline.vae import VAE, build_vae
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    # weights_only=False: the checkpoint holds numpy/python RNG states; it is our own file.
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def epoch_history(run_dir: str | Path) -> list[dict]:
+    """The per-epoch validation rows of a run directory's checkpoint ([] when there is none)."""
+    path = Path(run_dir) / CHECKPOINT
+    return load_checkpoint(path)["history"] if path.exists() else []
+
+
+def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[RunConfig, VAE, dict]:
+    """(config, trained VAE on `device` in eval mode, the checkpoint dict) of a checkpoint file.
+
+    A σ-VAE scores with the σ its training learned (``sigma_star``), never one fitted to new data."""
+    ck = load_checkpoint(path, "cpu")
+    cfg = build_config(ck["config"])
+    model = build_vae(cfg, fixed_sigma=ck.get("sigma_star")).to(device)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    return cfg, model, ck
