@@ -212,9 +212,8 @@ class RunConfig(_Section):
         # Options the chosen prior does not read cannot change the weights.
         read = PRIORS[self.prior.name].options
         d["prior"] = {k: v for k, v in d["prior"].items() if k == "name" or k in read}
-        defaults = flatten(_DEFAULT_WEIGHT_KEYS)
         for key, value in flatten(d).items():
-            if key not in HASHED_SINCE_V1 and value == defaults.get(key, _MISSING):
+            if key not in HASHED_SINCE_V1 and value == _DEFAULTS[key]:
                 section, _, name = key.rpartition(".")
                 d[section].pop(name)
                 if not d[section]:
@@ -234,8 +233,6 @@ HASHED_SINCE_V1 = frozenset({
     "train.epochs", "train.batch_size", "train.lr", "train.grad_clip", "train.seed", "train.precision",
     "train.grid_images",
 })
-_MISSING = object()
-_DEFAULT_WEIGHT_KEYS = RunConfig().to_dict()
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -247,6 +244,9 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+_DEFAULTS = flatten(RunConfig().to_dict())
 
 
 def _allowed_keys(model: type[BaseModel]) -> list[str]:

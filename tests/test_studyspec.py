@@ -25,7 +25,7 @@ def _with(**changes):
 
 def test_the_issue_s_studies_are_shipped():
     names = {p.stem for p in SHIPPED}
-    assert {"demo", "beta", "annealing", "free_bits", "decoder_depth", "likelihood", "full_factorial",
+    assert {"demo", "beta", "annealing", "free_bits", "decoder_depth", "likelihood", "prior", "full_factorial",
             "search_tpe", "pareto"} <= names
 
 
