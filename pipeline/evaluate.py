@@ -7,7 +7,8 @@ the same step, which MLflow then shows as the run's values.
 Per-dimension KL measures (``test/kl_dim_max``, ``test/collapsed_dims``, the KL bar chart) exist only
 for a prior that factorizes over dimensions: for a mixture prior the KL of one coordinate is not
 defined, and these are left out (active units and I(x; z), which never look at the prior, remain).
-Without an analytic KL, ``test/kl`` is a Monte Carlo estimate from MC_KL_SAMPLES draws per image.
+Without an analytic KL, ``test/kl`` is a Monte Carlo estimate over several draws per image
+(``VAE.kl_estimate``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pipeline.data import DeviceData, ensure_splits
 from pipeline.fileio import atomic_write_json
 from pipeline.images import pairs, save_grid
 from pipeline.runtime import resolve_device
-from pipeline.vae import MC_KL_SAMPLES, VAE
+from pipeline.vae import VAE
 
 METRICS_FILE = "metrics.json"
 
@@ -65,19 +66,17 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         x = test.batch(torch.arange(start, min(start + batch_size, test.n), device=dev))
         if dequantize:
             x = M.dequantize(x, generator=gen)
-        q = model.posterior(x)
-        z = q.rsample(generator=gen)
-        recon_sampled = model.recon_nll(x, z)
-        recon_mean = model.recon_nll(x, q.mu)
+        t = model.terms(x, generator=gen)  # recon NLL at one z ~ q(z|x)
+        kl, _ = model.kl_estimate(t, generator=gen)
+        recon_mean = model.recon_nll(x, t.q.mu)
         ll = M.iwae_log_likelihood(model, x, k=k, chunk=_chunk_for(k, x.shape[0]), generator=gen)
-        kl = prior.kl(q, z) if prior.analytic_kl else model.kl_monte_carlo(q, MC_KL_SAMPLES, generator=gen)[0]
         n = x.shape[0]
-        gap, n_gap = (M.z_usage_gap(lambda codes, x=x: model.recon_nll(x, codes), z), n) if n > 1 else (0.0, 0)
-        sums += torch.tensor([recon_sampled.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n_gap, n_gap],
+        gap, n_gap = (M.z_usage_gap(lambda codes, x=x: model.recon_nll(x, codes), t.z), n) if n > 1 else (0.0, 0)
+        sums += torch.tensor([t.recon_nll.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n_gap, n_gap],
                              dtype=torch.float64)
-        mus.append(q.mu.cpu())
-        logvars.append(q.logvar.cpu())
-        recons.append(model.render(q.mu).cpu())
+        mus.append(t.q.mu.cpu())
+        logvars.append(t.q.logvar.cpu())
+        recons.append(model.render(t.q.mu).cpu())
     n_test = test.n
     recon_nll, recon_nll_mean_z, kl, ll = (sums[:4] / n_test).tolist()
     mu_all, logvar_all, recon_all = torch.cat(mus), torch.cat(logvars), torch.cat(recons)
@@ -168,8 +167,8 @@ def _images(model: VAE, test, recon_all, samples_all, per_dim: torch.Tensor, is_
         rows.append(model.render(z).cpu())
     files.append(save_grid(torch.cat(rows), out_dir / "latent_traversals.png", nrow=values.numel()))
     if is_kl:
-        files.append(_per_dim_bar_chart(per_dim, M.COLLAPSED_KL, "KL", "mean KL (nats)", f"collapsed below {M.COLLAPSED_KL} nats",
-                                        out_dir / "kl_per_dim.png"))
+        files.append(_per_dim_bar_chart(per_dim, M.COLLAPSED_KL, "KL", "mean KL (nats)",
+                                        f"collapsed below {M.COLLAPSED_KL} nats", out_dir / "kl_per_dim.png"))
         kl_json = out_dir / "kl_per_dim.json"
         kl_json.write_text(json.dumps([float(v) for v in per_dim]))
         files.append(kl_json)

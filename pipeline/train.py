@@ -22,7 +22,7 @@ from pipeline.fileio import atomic_torch_save
 from pipeline.images import pairs, save_grid
 from pipeline.objectives import FREE_BITS_MODES, beta_at
 from pipeline.runtime import resolve_device, rng_state, seed_all, set_rng_state
-from pipeline.vae import MC_KL_SAMPLES, VAE, build_vae
+from pipeline.vae import VAE, build_vae
 
 PER_STEP_KEYS = (
     "train/recon_nll",
@@ -102,7 +102,7 @@ def train_step(model: VAE, opt, x, ctx: StepContext, beta_t, lr_t) -> torch.Tens
 @torch.no_grad()
 def elbo_terms(model: VAE, data: DeviceData, seed: int, batch_size: int = 1000) -> dict[str, float]:
     """Single-sample ELBO on a split, fixed noise so epochs are comparable. Without an analytic KL,
-    val/kl averages MC_KL_SAMPLES draws per image (and val/kl_mc_sd is the one-draw spread)."""
+    val/kl averages several draws per image (VAE.kl_estimate) and val/kl_mc_sd is the one-draw spread."""
     model.eval()
     dev = data.images.device
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -111,10 +111,8 @@ def elbo_terms(model: VAE, data: DeviceData, seed: int, batch_size: int = 1000) 
     for start in range(0, data.n, batch_size):
         idx = torch.arange(start, min(start + batch_size, data.n), device=dev)
         t = model.terms(data.batch(idx, generator=gen), generator=gen)
-        if analytic:
-            kl, kl_sd = t.kl, torch.zeros_like(t.kl)
-        else:
-            kl, kl_sd = model.kl_monte_carlo(t.q, MC_KL_SAMPLES, generator=gen)
+        kl, kl_sd = model.kl_estimate(t, generator=gen)
+        kl_sd = torch.zeros_like(kl) if kl_sd is None else kl_sd
         tot += torch.stack([(-t.recon_nll - kl).sum(), t.recon_nll.sum(), kl.sum(), kl_sd.sum()]).double()
     model.train()
     elbo, recon, kl, kl_sd = (tot / data.n).tolist()

@@ -103,6 +103,13 @@ class VAE(nn.Module):
             kl_per_dim, kl = None, self.prior.kl(qf, z.float())
         return Terms(qf, z, -lp.log_px, kl, kl_per_dim, lp.sigma)
 
+    def kl_estimate(self, t: Terms, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The KL of a batch's terms as validation and evaluation report it, (B,): the analytic value when
+        the prior has one (and no spread), else the MC_KL_SAMPLES-draw estimate and the one-draw spread."""
+        if self.prior.analytic_kl:
+            return t.kl, None
+        return self.kl_monte_carlo(t.q, MC_KL_SAMPLES, generator=generator)
+
     def kl_monte_carlo(self, q: DiagonalGaussian, n: int = MC_KL_SAMPLES,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, sd) over n draws z ~ q of log q(z|x) − log p(z), per example (B,): the n-sample KL
