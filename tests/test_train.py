@@ -231,22 +231,18 @@ def test_bf16_autocast_runs(home):
     assert result.status == "finished"
 
 
-class _Recorder:
-    """A sink that keeps every point in memory (tracking's NullRun interface)."""
+def _recorder():
+    """A sink with tracking's NullRun interface that keeps every point in memory."""
+    from pipeline.tracking import NullRun
 
-    run_id = None
+    class Recorder(NullRun):
+        def __init__(self):
+            self.rows = []
 
-    def __init__(self):
-        self.rows = []
+        def log_metrics(self, rows):
+            self.rows += rows
 
-    def log_metrics(self, rows):
-        self.rows += rows
-
-    def last_steps(self, keys):
-        return {k: -1 for k in keys}
-
-    def log_artifact(self, path, artifact_path=None): ...
-    def flush(self): ...
+    return Recorder()
 
 
 # The first five steps of the default config (and of a mixture prior) on the first 640 training images,
@@ -268,7 +264,7 @@ def test_the_first_steps_losses_are_pinned(home, extra):
 
     cfg = build_config(overrides=["data.train_subset=640", "train.epochs=1", "train.grid_images=4",
                                   "tracking.flush_every=5", *extra])
-    sink = _Recorder()
+    sink = _recorder()
     fit(cfg, home / "pinned", sink, splits=ensure_splits(cfg.data, log=QUIET["log"]), **QUIET)
     for key, expected in PINNED_FIRST_STEPS[extra].items():
         got = [v for k, v, step in sink.rows if k == key and step < 5]
