@@ -116,7 +116,7 @@ class VAE(nn.Module):
         estimate, and the spread of the one-sample estimate that training logs as train/kl."""
         z = q.rsample((n,), generator=generator)  # (n, B, D)
         log_ratio = q.log_prob(z) - self.prior.log_prob(z)  # (n, B)
-        return log_ratio.mean(0), log_ratio.std(0) if n > 1 else torch.zeros_like(log_ratio[0])
+        return log_ratio.mean(0), (log_ratio.std(0) if n > 1 else torch.zeros_like(log_ratio[0]))
 
     @torch.no_grad()
     def log_weights(self, x: torch.Tensor, k: int, chunk: int = 100,
@@ -152,8 +152,8 @@ class VAE(nn.Module):
 
 
 def build_vae(cfg, *, init_images: torch.Tensor | None = None, fixed_sigma: float | None = None) -> VAE:
-    """The VAE of a RunConfig. `init_images` (N, 1, 28, 28) in [0, 1]: training images a prior may start
-    from (VampPrior pseudo-inputs); `fixed_sigma`: the σ a σ-VAE scores held-out data with."""
+    """The VAE of a RunConfig. `init_images` (N, 1, 28, 28), uint8 or in [0, 1]: training images a prior
+    may start from (VampPrior pseudo-inputs); `fixed_sigma`: the σ a σ-VAE scores held-out data with."""
     m = cfg.model
     likelihood = get_likelihood(cfg.likelihood.name)
     encoder = ENCODERS[m.arch](m)
