@@ -43,7 +43,8 @@ def _add_evaluate(sub) -> None:
     g.add_argument("--checkpoint", help="checkpoint file or run directory")
     p.add_argument("--k", type=int, help="IWAE importance samples (default 1000 on CUDA, 100 on CPU)")
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
-    p.add_argument("--n-samples", type=int, default=10_000, help="prior samples for sharpness and Fréchet distance (default 10000)")
+    p.add_argument("--n-samples", type=int, default=None,
+                   help="prior samples for sharpness and Fréchet distance (default 10000; 256 for a PixelCNN on CPU)")
     p.add_argument("--mi-batch", type=int, default=1000, help="batch size of the mutual-information estimate")
     p.add_argument("--device", default="auto")
 

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import PipelineError
 from pipeline.likelihoods import LIKELIHOODS
 from pipeline.objectives import BETA_SCHEDULES, FREE_BITS_MODES
+from pipeline.vae.decoders import DECODERS
+from pipeline.vae.encoders import ENCODERS
 from pipeline.vae.priors import PRIORS
 
 DATASETS = ("fashion-mnist", "mnist")
@@ -52,13 +54,45 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    # Encoder and decoder family in one key; model.encoder / model.decoder, where given, override it.
     arch: Literal["mlp", "conv"] = "mlp"
+    encoder: str | None = None  # mlp | conv; None = model.arch
+    decoder: str | None = None  # mlp | conv | pixelcnn; None = model.arch
     latent_dim: int = Field(20, ge=1, le=512)
     hidden_dim: int = Field(400, ge=8, le=8192)
     encoder_depth: int = Field(1, ge=1, le=6)
-    decoder_depth: int = Field(1, ge=1, le=6)
-    # Conv channels at the lowest resolution; ignored by the MLP.
+    # Hidden layers of the MLP, conv blocks of the conv decoder, masked layers of the PixelCNN.
+    decoder_depth: int = Field(1, ge=1, le=12)
+    # Conv channels at the lowest resolution, hidden channels of the PixelCNN; ignored by the MLP.
     channels: int = Field(64, ge=4, le=1024)
+    # Masked-convolution kernel of the PixelCNN (odd): with decoder_depth it sets how many rows above a
+    # pixel the decoder sees, depth · (kernel_size // 2), which decides whether it needs z at all.
+    kernel_size: int = Field(5, ge=3, le=11)
+
+    @property
+    def encoder_name(self) -> str:
+        return self.encoder or self.arch
+
+    @property
+    def decoder_name(self) -> str:
+        return self.decoder or self.arch
+
+    @field_validator("encoder")
+    @classmethod
+    def _encoder(cls, v: str | None) -> str | None:
+        return v if v is None else _one_of(v, ENCODERS, "model.encoder")
+
+    @field_validator("decoder")
+    @classmethod
+    def _decoder(cls, v: str | None) -> str | None:
+        return v if v is None else _one_of(v, DECODERS, "model.decoder")
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"model.kernel_size={v} must be odd (a masked kernel is centred on its pixel): use {v - 1} or {v + 1}")
+        return v
 
 
 class LikelihoodConfig(_Section):
@@ -119,6 +153,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     # Images per recon/sample grid logged each epoch.
     grid_images: int = Field(64, ge=1, le=256)
+    # The same for an autoregressive decoder, whose images are drawn pixel by pixel (one decoder pass per
+    # pixel: 16 images of the PixelCNN in studies/autoregressive.yaml take seconds on a CPU, 64 take ×4).
+    grid_images_autoregressive: int = Field(16, ge=1, le=256)
 
     @field_validator("device")
     @classmethod
@@ -139,13 +176,15 @@ class TrackingConfig(_Section):
 class EvalConfig(_Section):
     # Evaluate on the test set when training ends (results under test/ in the same MLflow run).
     enabled: bool = True
-    # Importance samples for test/iwae_nll; None = 1000 on CUDA, 100 on CPU.
+    # Importance samples for test/iwae_nll; None = 1000 on CUDA, 100 on CPU (an autoregressive decoder:
+    # 100 on CUDA, 10 on CPU, since each sample is a decoder pass over the test set).
     iwae_k: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=2)
     batch_size: int = Field(500, ge=1)
     mi_batch: int = Field(1000, ge=2)
-    # Prior samples for sample sharpness and the classifier Fréchet distance.
-    n_samples: int = Field(10_000, ge=2)
+    # Prior samples for sample sharpness and the classifier Fréchet distance; None = 10,000 (an
+    # autoregressive decoder on CPU: 256, drawn pixel by pixel, and as many test reconstructions).
+    n_samples: int | None = Field(None, ge=2)
 
 
 class RunConfig(_Section):
@@ -164,6 +203,18 @@ class RunConfig(_Section):
             raise ValueError(
                 f"data.binarize={self.data.binarize!r} only makes sense with likelihood.name='bernoulli' "
                 f"(got {self.likelihood.name!r}); set data.binarize=none"
+            )
+        decoder = DECODERS[self.model.decoder_name]
+        if decoder.likelihoods is not None and self.likelihood.name not in decoder.likelihoods:
+            raise ValueError(
+                f"model.decoder={self.model.decoder_name!r} works with likelihood.name in "
+                f"{', '.join(sorted(decoder.likelihoods))}, not {self.likelihood.name!r}: it draws each pixel "
+                "from a distribution over the data's discrete values"
+            )
+        if decoder.autoregressive and self.likelihood.name == "bernoulli" and self.data.binarize == "none":
+            raise ValueError(
+                f"model.decoder={self.model.decoder_name!r} with likelihood.name='bernoulli' needs binary pixels: set "
+                "data.binarize=static or dynamic (or use likelihood.name=categorical for 8-bit data)"
             )
         if self.objective.free_bits == "per_dim" and not PRIORS[self.prior.name].factorized:
             raise ValueError(
@@ -191,8 +242,11 @@ class RunConfig(_Section):
         o, m = self.objective, self.model
         fb = "" if o.free_bits == "none" else f" fb={o.free_bits}:{o.free_bits_lambda:g}"
         prior = "" if self.prior.name == "standard_normal" else f" prior={self.prior.name}:{self.prior.components}"
+        arch = m.encoder_name if m.decoder_name == m.encoder_name else f"{m.encoder_name}→{m.decoder_name}"
+        if DECODERS[m.decoder_name].autoregressive:
+            arch += f" k={m.kernel_size}"
         return (
-            f"{m.arch} {self.likelihood.name} β={o.beta:g} {o.schedule}{fb}{prior} "
+            f"{arch} {self.likelihood.name} β={o.beta:g} {o.schedule}{fb}{prior} "
             f"dec={m.decoder_depth} z={m.latent_dim} seed={self.train.seed}"
         )
 
@@ -209,9 +263,19 @@ class RunConfig(_Section):
         d.pop("tracking")
         d.pop("eval")
         d["train"].pop("device")
-        # Options the chosen prior does not read cannot change the weights.
+        d["train"].pop("grid_images_autoregressive")  # drawn with their own generator, after each epoch
+        # Options the chosen prior or decoder does not read cannot change the weights.
         read = PRIORS[self.prior.name].options
         d["prior"] = {k: v for k, v in d["prior"].items() if k == "name" or k in read}
+        m = d["model"]
+        decoder = self.model.decoder_name
+        for option in {o for entry in DECODERS.values() for o in entry.options} - set(DECODERS[decoder].options):
+            m.pop(option)
+        # One spelling per model: model.arch (hashed since the first release) names the encoder's family,
+        # and the decoder is hashed only where it differs from it, so `arch: conv` and `encoder: conv,
+        # decoder: conv` are the same run, and a config written before the split keeps its hash.
+        m["arch"] = m.pop("encoder") or m["arch"]
+        m["decoder"] = None if decoder == m["arch"] else decoder
         for key, value in flatten(d).items():
             if key not in HASHED_SINCE_V1 and value == _DEFAULTS[key]:
                 section, _, name = key.rpartition(".")
@@ -281,7 +345,8 @@ def _format_error(err: ValidationError) -> str:
             lines.append(f"{key}={e.get('input')!r} is not one of: {allowed}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(msg if key and key.split(".")[-1] in msg else f"{key}: {msg} (got {e.get('input')!r})")
+            # A cross-key check (empty key) names its keys itself, and its input is the whole config.
+            lines.append(msg if not key or key.split(".")[-1] in msg else f"{key}: {msg} (got {e.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

@@ -34,6 +34,7 @@ class DatasetSpec:
     default_raw_dir: str | None
     # SHA-256 of each decompressed IDX file; None where we have no pinned digest to check.
     sha256: dict[str, str] | None
+    image_shape: tuple[int, int, int] = (1, 28, 28)  # C, H, W
 
 
 DATASETS: dict[str, DatasetSpec] = {

@@ -9,6 +9,11 @@ for a prior that factorizes over dimensions: for a mixture prior the KL of one c
 defined, and these are left out (active units and I(x; z), which never look at the prior, remain).
 Without an analytic KL, ``test/kl`` is a Monte Carlo estimate over several draws per image
 (``VAE.kl_estimate``).
+
+An autoregressive decoder (PixelCNN) is scored exactly as any other, by teacher forcing, but its images
+are draws from p(x|z) made pixel by pixel, one decoder pass per pixel: its sharpness and Fréchet
+distances describe samples, not a likelihood's mean, and on a CPU it gets smaller defaults (IWAE k = 10,
+256 samples and as many test reconstructions) so that an evaluation takes minutes.
 """
 
 from __future__ import annotations
@@ -32,13 +37,25 @@ from pipeline.vae import VAE
 METRICS_FILE = "metrics.json"
 
 
-def default_iwae_k(device: torch.device) -> int:
+def default_iwae_k(device: torch.device, autoregressive: bool = False) -> int:
+    if autoregressive:  # each importance sample is a teacher-forced PixelCNN pass over the test set
+        return 100 if device.type == "cuda" else 10
     return 1000 if device.type == "cuda" else 100
+
+
+def default_n_samples(device: torch.device, autoregressive: bool = False) -> int:
+    """Prior samples for sharpness and Fréchet distance. Pixel by pixel, the studies' PixelCNN draws
+    ~15 images/s on this project's 2-core CPU (`make bench`): 256 take under a minute there."""
+    return 256 if autoregressive and device.type != "cuda" else 10_000
 
 
 def _chunk_for(k: int, batch: int, budget: int = 20_000) -> int:
     """IWAE samples per decoder call, so one call decodes at most `budget` images."""
     return max(1, min(k, budget // max(1, batch)))
+
+
+# Images per decoder call in IWAE: a PixelCNN keeps channels × H × W activations per image, not a vector.
+DECODE_BUDGET = {False: 20_000, True: 2_000}
 
 
 @torch.no_grad()
@@ -69,14 +86,18 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         t = model.terms(x, generator=gen)  # recon NLL at one z ~ q(z|x)
         kl, _ = model.kl_estimate(t, generator=gen)
         recon_mean = model.recon_nll(x, t.q.mu)
-        ll = M.iwae_log_likelihood(model, x, k=k, chunk=_chunk_for(k, x.shape[0]), generator=gen)
+        chunk = _chunk_for(k, x.shape[0], DECODE_BUDGET[model.autoregressive])
+        ll = M.iwae_log_likelihood(model, x, k=k, chunk=chunk, generator=gen)
         n = x.shape[0]
         gap, n_gap = (M.z_usage_gap(lambda codes, x=x: model.recon_nll(x, codes), t.z), n) if n > 1 else (0.0, 0)
         sums += torch.tensor([t.recon_nll.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n_gap, n_gap],
                              dtype=torch.float64)
         mus.append(t.q.mu.cpu())
         logvars.append(t.q.logvar.cpu())
-        recons.append(model.render(t.q.mu).cpu())
+        # Drawn pixel by pixel, reconstructions of an autoregressive decoder stop at n_samples images.
+        n_recon = max(0, min(n, (n_samples if model.autoregressive else test.n) - start))
+        if n_recon:
+            recons.append(model.render(t.q.mu[:n_recon], generator=gen).cpu())
     n_test = test.n
     recon_nll, recon_nll_mean_z, kl, ll = (sums[:4] / n_test).tolist()
     mu_all, logvar_all, recon_all = torch.cat(mus), torch.cat(logvars), torch.cat(recons)
@@ -125,7 +146,8 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         out["test/fd_classifier"] = M.frechet_distance(sample_features.cpu(), real_features.cpu())
         out["test/recon_fd_classifier"] = M.frechet_distance(recon_features.cpu(), real_features.cpu())
         if test_labels is not None:
-            out["test/recon_class_acc"] = float((recon_pred.cpu() == test_labels.cpu()).float().mean())
+            labels = test_labels[: recon_all.shape[0]].cpu()
+            out["test/recon_class_acc"] = float((recon_pred.cpu() == labels).float().mean())
     out["test/eval_seconds"] = time.perf_counter() - t0
 
     result = {
@@ -134,21 +156,25 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         "kl_per_dim": kl_stats["kl_per_dim"].tolist() if kl_stats is not None else None,
         # The settings this evaluation used; logged as test/ metrics so a re-evaluation replaces them.
         "params": {"iwae_k": k, "mi_batch": b, "n_samples": n_samples, "hf_cutoff": 0.25, "test_images": n_test,
-                   "dequantized": int(dequantize)},
+                   "recon_images": recon_all.shape[0], "dequantized": int(dequantize),
+                   "pixel_by_pixel": int(model.autoregressive)},
     }
     if out_dir is not None:
         per_dim = kl_stats["kl_per_dim"] if kl_stats is not None else activity
-        result["artifacts"] = _images(model, test, recon_all, samples_all, per_dim, kl_stats is not None, out_dir)
+        result["artifacts"] = _images(model, test, recon_all, samples_all, per_dim, kl_stats is not None, out_dir,
+                                      generator=gen)
     model.train()
     return result
 
 
 @torch.no_grad()
-def _images(model: VAE, test, recon_all, samples_all, per_dim: torch.Tensor, is_kl: bool, out_dir: Path) -> list[Path]:
+def _images(model: VAE, test, recon_all, samples_all, per_dim: torch.Tensor, is_kl: bool, out_dir: Path,
+            generator: torch.Generator | None = None) -> list[Path]:
     """Image grids, latent traversals and the per-dimension chart: KL when the prior factorizes, else
-    activity Cov_x(E_q[z_j]) (the active-units statistic)."""
+    activity Cov_x(E_q[z_j]) (the active-units statistic). An autoregressive decoder's images are draws
+    from p(x|z), so a traversal shows one sample per value of z, not a mean."""
     dev = test.images.device
-    originals = test.batch(torch.arange(min(32, test.n), device=dev)).cpu()
+    originals = test.batch(torch.arange(min(32, recon_all.shape[0]), device=dev)).cpu()
     files = [
         save_grid(pairs(originals, recon_all[: originals.shape[0]]), out_dir / "test_reconstructions.png", nrow=8),
         save_grid(samples_all[:64], out_dir / "test_samples.png", nrow=8),
@@ -164,7 +190,7 @@ def _images(model: VAE, test, recon_all, samples_all, per_dim: torch.Tensor, is_
     for j in top.tolist():
         z = base.repeat(values.numel(), 1)
         z[:, j] = center[j] + spread[j] * values
-        rows.append(model.render(z).cpu())
+        rows.append(model.render(z, generator=generator).cpu())
     files.append(save_grid(torch.cat(rows), out_dir / "latent_traversals.png", nrow=values.numel()))
     if is_kl:
         files.append(_per_dim_bar_chart(per_dim, M.COLLAPSED_KL, "KL", "mean KL (nats)",
@@ -201,7 +227,7 @@ def _per_dim_bar_chart(values: torch.Tensor, threshold: float, name: str, ylabel
 
 
 def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = None, *, k: int | None = None,
-                   batch_size: int = 500, mi_batch: int = 1000, n_samples: int = 10_000, test_subset: int | None = None,
+                   batch_size: int = 500, mi_batch: int = 1000, n_samples: int | None = None, test_subset: int | None = None,
                    device: str = "auto", log=print, sink=None, splits=None) -> dict:
     """Evaluate a checkpoint (or the checkpoint of an MLflow run) and record the results."""
     if checkpoint is None:
@@ -225,11 +251,13 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     test_x = splits.test_x[:test_subset] if test_subset else splits.test_x
     # Binarized models are scored on one fixed binarization of the test set.
     test = DeviceData(test_x, dev, "static" if cfg.data.binarize != "none" else "none", static_seed=cfg.data.split_seed + 2)
-    k = k or default_iwae_k(dev)
+    k = k or default_iwae_k(dev, model.autoregressive)
+    n_samples = n_samples or default_n_samples(dev, model.autoregressive)
     from pipeline.classifier import ensure_classifier
 
     classifier, classifier_info = ensure_classifier(cfg.data, splits, dev, log=log)
-    log(f"[evaluate] {checkpoint}: {test.n} test images, IWAE k={k} on {dev}")
+    drawn = " (drawn pixel by pixel)" if model.autoregressive else ""
+    log(f"[evaluate] {checkpoint}: {test.n} test images, IWAE k={k}, {n_samples} samples{drawn} on {dev}")
     result = evaluate_model(model, cfg, test, test_x.float() / 255, k=k, batch_size=batch_size, mi_batch=mi_batch,
                             n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval",
                             classifier=classifier,

@@ -11,13 +11,15 @@ from PIL import Image
 
 
 def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """(N, 1, H, W) in [0, 1] → (rows·(H+pad)+pad, cols·(W+pad)+pad) uint8, white gutters."""
+    """(N, C, H, W) in [0, 1], C = 1 or 3 → (rows·(H+pad)+pad, cols·(W+pad)+pad[, 3]) uint8, white gutters."""
     images = images.detach().float().clamp(0, 1).cpu()
-    n, _, h, w = images.shape
+    n, c, h, w = images.shape
     cols = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=np.uint8)
-    pixels = (images[:, 0].numpy() * 255).round().astype(np.uint8)
+    colour = (3,) if c == 3 else ()
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, *colour), 255, dtype=np.uint8)
+    channels_last = images.permute(0, 2, 3, 1) if colour else images[:, 0]
+    pixels = (channels_last.numpy() * 255).round().astype(np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
         y, x = pad + r * (h + pad), pad + c * (w + pad)

@@ -1,10 +1,12 @@
 """Decoder likelihoods p(x|z): a registry from name to log-density and render mean.
 
-Every entry takes the decoder's raw output ``params`` of shape (B, P, 1, 28, 28) — P parameters
-per pixel, declared by the entry — and images ``x`` in [0, 1] of shape (B, 1, 28, 28). It returns
-per-example log p(x|z) in nats summed over pixels, shape (B,), and the distribution's mean (what a
-reconstruction or sample should be drawn as). Adding a likelihood is one function pair plus one
-``LIKELIHOODS`` entry.
+Every entry takes the decoder's raw output ``params`` of shape (B, P, C, H, W) — P parameters
+per pixel and colour channel, declared by the entry — and images ``x`` in [0, 1] of shape (B, C, H, W).
+It returns per-example log p(x|z) in nats summed over pixels, shape (B,), and the distribution's mean
+(what a reconstruction or sample of a feed-forward decoder is drawn as). Entries an autoregressive
+decoder can use also give the log-probability of each value (``pixel_log_prob``, same shape as x) and
+a draw from it (``sample``), since such a decoder is sampled one pixel at a time. Adding a likelihood is
+one function pair (or four) plus one ``LIKELIHOODS`` entry.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class Likelihood:
     discrete: bool  # a probability mass over 8-bit or binary values, not a density
     doc: str
     fits_scale: bool = False  # returns LogProb.sigma (logged as train/sigma)
+    # Per-value log-probability (params, x, opts) → x's shape, and a draw (params, opts, generator) → values
+    # in [0, 1] of x's shape: what pixel-by-pixel sampling needs. None for likelihoods it cannot use.
+    pixel_log_prob: Callable[[torch.Tensor, torch.Tensor, LikelihoodOptions], torch.Tensor] | None = None
+    sample: Callable[[torch.Tensor, LikelihoodOptions, torch.Generator | None], torch.Tensor] | None = None
 
 
 def _sum_pixels(t: torch.Tensor) -> torch.Tensor:
@@ -49,14 +55,49 @@ def _sum_pixels(t: torch.Tensor) -> torch.Tensor:
 
 
 # --- Bernoulli -----------------------------------------------------------------------------------
-def bernoulli_log_prob(params, x, opts) -> LogProb:
-    logits = params[:, 0]
+def bernoulli_pixel_log_prob(params, x, opts) -> torch.Tensor:
     # x log σ(l) + (1−x) log σ(−l); for x ∈ (0, 1) this is the cross-entropy used on intensities.
-    return LogProb(_sum_pixels(-F.binary_cross_entropy_with_logits(logits, x, reduction="none")))
+    return -F.binary_cross_entropy_with_logits(params[:, 0], x, reduction="none")
+
+
+def bernoulli_log_prob(params, x, opts) -> LogProb:
+    return LogProb(_sum_pixels(bernoulli_pixel_log_prob(params, x, opts)))
 
 
 def bernoulli_mean(params, opts):
     return torch.sigmoid(params[:, 0])
+
+
+def bernoulli_sample(params, opts, generator=None):
+    return torch.bernoulli(torch.sigmoid(params[:, 0]), generator=generator)
+
+
+# --- Categorical over the 256 intensity levels (van den Oord et al. 2016, PixelRNN Sec. 5.3) -----
+_LEVELS = 255
+
+
+def _level_index(x: torch.Tensor) -> torch.Tensor:
+    return (x * _LEVELS).round().long().clamp_(0, _LEVELS)
+
+
+def categorical_pixel_log_prob(params, x, opts) -> torch.Tensor:
+    log_p = torch.log_softmax(params, dim=1)  # (B, 256, C, H, W)
+    return log_p.gather(1, _level_index(x).unsqueeze(1)).squeeze(1)
+
+
+def categorical_log_prob(params, x, opts) -> LogProb:
+    return LogProb(_sum_pixels(categorical_pixel_log_prob(params, x, opts)))
+
+
+def categorical_mean(params, opts):
+    levels = torch.arange(_LEVELS + 1, device=params.device, dtype=params.dtype) / _LEVELS
+    return torch.einsum("bk...,k->b...", torch.softmax(params, dim=1), levels)
+
+
+def categorical_sample(params, opts, generator=None):
+    probs = torch.softmax(params.float(), dim=1).movedim(1, -1)  # (B, C, H, W, 256)
+    draws = torch.multinomial(probs.reshape(-1, _LEVELS + 1), 1, generator=generator)
+    return draws.view(probs.shape[:-1]).float() / _LEVELS
 
 
 # --- Continuous Bernoulli (Loaiza-Ganem & Cunningham 2019) ---------------------------------------
@@ -139,7 +180,7 @@ def _dl_parts(params):
     return mean, log_scale
 
 
-def discretized_logistic_log_prob(params, x, opts) -> LogProb:
+def discretized_logistic_pixel_log_prob(params, x, opts) -> torch.Tensor:
     mean, log_scale = _dl_parts(params)
     xc = x * 2 - 1  # bins centred on k/255 ∈ [0, 1] → [−1, 1]
     inv_s = torch.exp(-log_scale)
@@ -150,8 +191,20 @@ def discretized_logistic_log_prob(params, x, opts) -> LogProb:
     log_interior = plus + torch.log(-torch.expm1(minus - plus)) - F.softplus(plus) - F.softplus(minus)
     log_lowest = plus - F.softplus(plus)  # log σ(plus): the lowest bin takes all mass below it
     log_highest = -F.softplus(minus)  # log(1 − σ(minus)): the highest takes all mass above it
-    log_p = torch.where(xc < -0.999, log_lowest, torch.where(xc > 0.999, log_highest, log_interior))
-    return LogProb(_sum_pixels(log_p))
+    return torch.where(xc < -0.999, log_lowest, torch.where(xc > 0.999, log_highest, log_interior))
+
+
+def discretized_logistic_log_prob(params, x, opts) -> LogProb:
+    return LogProb(_sum_pixels(discretized_logistic_pixel_log_prob(params, x, opts)))
+
+
+def discretized_logistic_sample(params, opts, generator=None):
+    """A logistic draw rounded to the nearest of the 256 levels, the end levels taking the tails: exactly
+    the discretized distribution whose mass the log-probability integrates."""
+    mean, log_scale = _dl_parts(params)
+    u = torch.rand(mean.shape, generator=generator, device=mean.device).clamp_(1e-6, 1 - 1e-6)
+    xc = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
+    return _level_index(((xc + 1) / 2).clamp(0, 1)).float() / _LEVELS
 
 
 def discretized_logistic_mean(params, opts, chunk: int = 64):
@@ -168,7 +221,10 @@ def discretized_logistic_mean(params, opts, chunk: int = 64):
 
 
 LIKELIHOODS: dict[str, Likelihood] = {
-    "bernoulli": Likelihood(1, bernoulli_log_prob, bernoulli_mean, True, "Bernoulli on intensities or binarized pixels"),
+    "bernoulli": Likelihood(1, bernoulli_log_prob, bernoulli_mean, True, "Bernoulli on intensities or binarized pixels",
+                            pixel_log_prob=bernoulli_pixel_log_prob, sample=bernoulli_sample),
+    "categorical": Likelihood(256, categorical_log_prob, categorical_mean, True, "Categorical, 256-way softmax per pixel",
+                              pixel_log_prob=categorical_pixel_log_prob, sample=categorical_sample),
     "continuous_bernoulli": Likelihood(
         1, continuous_bernoulli_log_prob, continuous_bernoulli_mean, False, "Continuous Bernoulli on [0, 1]"
     ),
@@ -178,8 +234,8 @@ LIKELIHOODS: dict[str, Likelihood] = {
     ),
     "laplace": Likelihood(1, laplace_log_prob, identity_mean, False, "Laplace, fixed b = likelihood.scale"),
     "discretized_logistic": Likelihood(
-        2, discretized_logistic_log_prob, discretized_logistic_mean, True, "Discretized logistic, 256 bins"
-    ),
+        2, discretized_logistic_log_prob, discretized_logistic_mean, True, "Discretized logistic, 256 bins",
+        pixel_log_prob=discretized_logistic_pixel_log_prob, sample=discretized_logistic_sample),
 }
 
 

@@ -1,6 +1,7 @@
 """Diagnostics of collapse, likelihood and sharpness: pure functions of tensors, each with its source.
 
-Conventions: images are (N, 1, 28, 28) in [0, 1]; posterior means and log-variances are (N, D);
+Conventions: images are (N, C, H, W) in [0, 1], and single-channel for the sharpness measures;
+posterior means and log-variances are (N, D);
 log-densities are in nats. Nothing here touches files or tracking; the model's densities and samples
 come from its own methods (pipeline.vae), never from a formula written here.
 """

@@ -19,10 +19,11 @@ from pipeline.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.config import RunConfig
 from pipeline.data import ensure_splits
 from pipeline.errors import PipelineError
-from pipeline.evaluate import default_iwae_k, evaluate_stage
+from pipeline.evaluate import default_iwae_k, default_n_samples, evaluate_stage
 from pipeline.fileio import atomic_write_json
 from pipeline.runtime import resolve_device
 from pipeline.train import DivergedError, StopEarly, TrainResult, fit
+from pipeline.vae.decoders import DECODERS
 
 RESULT = "result.json"
 RUN_INFO = "run.json"
@@ -124,8 +125,12 @@ def train_stage(
             f"continuing in new run {sink.run_id} without the history before the checkpoint")
         sink.set_tags({"partial_history": "true", "previous_run_id": info["run_id"]})
     params = cfg.flat()
-    if params["eval.iwae_k"] is None:  # record the k evaluation will use, not "auto"
-        params["eval.iwae_k"] = default_iwae_k(device)
+    # Record the values evaluation will use, not "auto".
+    autoregressive = DECODERS[cfg.model.decoder_name].autoregressive
+    if params["eval.iwae_k"] is None:
+        params["eval.iwae_k"] = default_iwae_k(device, autoregressive)
+    if params["eval.n_samples"] is None:
+        params["eval.n_samples"] = default_n_samples(device, autoregressive)
     sink.log_params(params)  # skips keys already there, so a re-attached run is completed
     sink.set_tags(
         {

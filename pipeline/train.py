@@ -121,12 +121,13 @@ def elbo_terms(model: VAE, data: DeviceData, seed: int, batch_size: int = 1000) 
 
 @torch.no_grad()
 def render_grids(model: VAE, data: DeviceData, n: int, seed: int, out_dir: Path, tag: str) -> list[Path]:
-    """Reconstructions (from the posterior mean) of the first val images, and prior samples."""
+    """Reconstructions (from the posterior mean) of the first val images, and prior samples; drawn pixel
+    by pixel for an autoregressive decoder."""
     model.eval()
     dev = data.images.device
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = data.batch(torch.arange(min(n, data.n), device=dev), generator=gen)
-    recon = model.reconstruct(x)
+    recon = model.reconstruct(x, generator=gen)
     samples = model.sample(n, generator=gen)
     model.train()
     return [
@@ -245,7 +246,8 @@ def fit(
             sigma_star = sigma_sum / steps_per_epoch
         with model.scoring_sigma(sigma_star):
             val = elbo_terms(model, val_data, seed=fixed_seed)
-            grids = render_grids(model, val_data, tc.grid_images, fixed_seed, images_dir, f"epoch_{epoch:03d}")
+            n_grid = tc.grid_images_autoregressive if model.autoregressive else tc.grid_images
+            grids = render_grids(model, val_data, n_grid, fixed_seed, images_dir, f"epoch_{epoch:03d}")
         epoch_points = {**val, "train/images_per_s": images_per_s}
         _send_points(sink, epoch_points, step_end, already)
         history.append({"epoch": epoch, "step": step_end, **epoch_points})

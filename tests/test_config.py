@@ -30,6 +30,10 @@ ADDED_KEY_VALUES = {
     "prior.name": ("mog", ["objective.free_bits=total"]),
     "prior.components": (11, ["prior.name=vamp"]),
     "prior.init": ("noise", ["prior.name=vamp"]),
+    "model.encoder": ("conv", []),
+    "model.decoder": ("pixelcnn", ["data.binarize=static"]),
+    "model.kernel_size": (3, ["model.decoder=pixelcnn", "data.binarize=static"]),
+    "train.grid_images_autoregressive": None,  # images drawn after each epoch with their own generator
 }
 
 
@@ -46,6 +50,31 @@ def test_existing_configs_keep_their_hashes_after_keys_were_added():
     assert build_config(overrides=[*mog, "prior.init=noise"]).result_hash() == build_config(overrides=mog).result_hash()
 
 
+def test_model_arch_is_shorthand_for_encoder_and_decoder_with_one_hash_per_model():
+    def model_of(*overrides):
+        m = build_config(overrides=list(overrides)).model
+        return m.encoder_name, m.decoder_name
+
+    assert model_of() == ("mlp", "mlp") and model_of("model.arch=conv") == ("conv", "conv")
+    assert model_of("model.arch=conv", "model.decoder=mlp") == ("conv", "mlp")
+    assert model_of("model.arch=conv", "model.encoder=mlp") == ("mlp", "conv")
+    # The same model spelled either way is the same run; different models are different runs.
+    same = [["model.arch=conv"], ["model.encoder=conv", "model.decoder=conv"], ["model.arch=mlp", "model.encoder=conv",
+                                                                                 "model.decoder=conv"]]
+    assert len({build_config(overrides=o).result_hash() for o in same}) == 1
+    mixed = [["model.encoder=conv"], ["model.decoder=conv"], ["model.arch=conv"], []]
+    assert len({build_config(overrides=o).result_hash() for o in mixed}) == 4
+    assert build_config(overrides=["model.encoder=conv"]).result_hash() == \
+        build_config(overrides=["model.arch=conv", "model.decoder=mlp"]).result_hash()
+    # A dumped config reloads to the same model, and an arch override on it still works.
+    cfg = build_config(overrides=["model.decoder=pixelcnn", "data.binarize=static"])
+    assert build_config(cfg.to_dict()).result_hash() == cfg.result_hash()
+    assert build_config(cfg.to_dict(), ["model.arch=conv"]).model.encoder_name == "conv"
+    # kernel_size is read by the PixelCNN alone.
+    assert build_config(overrides=["model.arch=conv", "model.kernel_size=7"]).result_hash() == \
+        build_config(overrides=["model.arch=conv"]).result_hash()
+
+
 def test_every_weight_changing_key_changes_the_hash():
     from pipeline.config import HASHED_SINCE_V1, RunConfig, flatten
 
@@ -53,7 +82,11 @@ def test_every_weight_changing_key_changes_the_hash():
     not_weights = {"train.device"} | {k for k in keys if k.split(".")[0] in ("tracking", "eval")}
     assert keys - HASHED_SINCE_V1 - not_weights == set(ADDED_KEY_VALUES), \
         "a key was added: give it a non-default value in ADDED_KEY_VALUES"
-    for key, (value, context) in ADDED_KEY_VALUES.items():
+    for key, entry in ADDED_KEY_VALUES.items():
+        if entry is None:  # changes no weight: must not change the hash either
+            assert build_config(overrides=[f"{key}=3"]).result_hash() == DEFAULT_HASH, key
+            continue
+        value, context = entry
         assert build_config(overrides=[*context, f"{key}={value}"]).result_hash() != \
             build_config(overrides=context).result_hash(), key
     v1_changes = {"objective.beta": 2.0, "model.latent_dim": 8, "train.seed": 1, "data.train_subset": 100,
@@ -89,7 +122,7 @@ def test_likelihood_outside_the_registry_lists_the_registry():
         ("objective.schedule=cosine", ["objective.schedule", "cyclical", "sigmoid"]),
         ("objective.free_bits=perdim", ["objective.free_bits", "per_dim", "total"]),
         ("model.arch=resnet", ["model.arch", "mlp", "conv"]),
-        ("model.decoder_depth=7", ["model.decoder_depth", "6"]),
+        ("model.decoder_depth=13", ["model.decoder_depth", "12"]),
         ("objective.beta=-1", ["objective.beta"]),
         ("train.device=tpu", ["train.device", "cuda"]),
         ("data.dataset=cifar10", ["data.dataset", "fashion-mnist", "mnist"]),

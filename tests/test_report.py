@@ -43,7 +43,7 @@ FIGURES = ("kl_per_dimension", "collapse_by_factor", "training_curves", "sharpne
 SECTIONS = ("Overview", "Collapse", "Sharpness", "Trade-offs")
 # How an evaluation was run, not what it found: kept out of summary.csv.
 EVAL_SETTINGS = {"test/iwae_k", "test/mi_batch", "test/n_samples", "test/hf_cutoff", "test/test_images",
-                 "test/dequantized", "test/classifier_test_accuracy"}
+                 "test/dequantized", "test/classifier_test_accuracy", "test/recon_images", "test/pixel_by_pixel"}
 
 
 def test_the_collapse_rule_onset_and_intervals_on_known_answers():

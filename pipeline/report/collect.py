@@ -23,7 +23,7 @@ from pipeline.studyspec import Range, StudySpec, design_points, expand_trials, p
 
 # Test metrics that record how an evaluation was run (k, batch sizes, classifier accuracy), not a result.
 EVAL_SETTINGS = ("test/iwae_k", "test/mi_batch", "test/n_samples", "test/hf_cutoff", "test/test_images",
-                 "test/dequantized", "test/classifier_test_accuracy")
+                 "test/dequantized", "test/classifier_test_accuracy", "test/recon_images", "test/pixel_by_pixel")
 CURVE_KEYS = ("train/kl", "train/recon_nll")
 CURVE_BINS = 200  # step bins over the longest run: plotting 10⁴ noisy steps per run says no more
 
@@ -40,6 +40,10 @@ FACTOR_NAMES = {
     "model.latent_dim": ("d", "latent dimensions"),
     "model.hidden_dim": ("hidden", "hidden units"),
     "model.arch": ("arch", "architecture"),
+    "model.encoder": ("encoder", "encoder family"),
+    "model.decoder": ("decoder", "decoder family"),
+    "model.kernel_size": ("kernel", "masked kernel size (pixels)"),
+    "model.channels": ("channels", "channels"),
     "prior.name": ("prior", "prior p(z)"),
     "prior.components": ("K", "prior components"),
     "train.epochs": ("epochs", "training epochs"),

@@ -2,7 +2,11 @@
 
 Training, validation, evaluation and image grids all go through these methods: ε is drawn by the
 posterior, p(z) is evaluated and sampled by the prior, and the decoder is called only here. Shapes:
-x (B, 1, 28, 28) in [0, 1], z (B, D), per-example quantities (B,) in nats.
+x (B, C, H, W) in [0, 1], z (B, D), per-example quantities (B,) in nats.
+
+An autoregressive decoder (PixelCNN) reads the image it scores: log p(x|z) is one teacher-forced pass
+that gives every pixel's conditional at once, and images are drawn from it pixel by pixel (samples of
+the likelihood, not its mean).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from pipeline.data import DATASETS
 from pipeline.likelihoods import Likelihood, LikelihoodOptions, get_likelihood
 from pipeline.vae.decoders import DECODERS
 from pipeline.vae.encoders import ENCODERS, IMAGE_SHAPE
@@ -60,6 +65,11 @@ class VAE(nn.Module):
     def data_dims(self) -> int:
         return math.prod(self.image_shape)
 
+    @property
+    def autoregressive(self) -> bool:
+        """Whether the decoder reads the image it scores and is sampled one pixel at a time."""
+        return getattr(self.decoder, "autoregressive", False)
+
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.compute_dtype) if self.compute_dtype else nullcontext()
 
@@ -67,9 +77,10 @@ class VAE(nn.Module):
         with self._autocast(x.device):
             return self.encoder(x)
 
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:  # (N, D) → (N, P, *image_shape), float32
+    def _decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) → (N, P, *image_shape), float32. An autoregressive decoder is teacher-forced on x."""
         with self._autocast(z.device):
-            return self.decoder(z).float()
+            return (self.decoder(z, x) if self.autoregressive else self.decoder(z)).float()
 
     @contextmanager
     def scoring_sigma(self, sigma: float | None):
@@ -88,13 +99,13 @@ class VAE(nn.Module):
 
     def recon_nll(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """−log p(x|z) per example, (B,)."""
-        return -self.likelihood.log_prob(self._decode(z), x, self.likelihood_opts).log_px
+        return -self.likelihood.log_prob(self._decode(z, x), x, self.likelihood_opts).log_px
 
     def terms(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Terms:
         """One batch's reconstruction and KL terms at one reparameterized z ~ q(z|x) per image."""
         q = self._encode(x)
         z = q.rsample(generator=generator)
-        lp = self.likelihood.log_prob(self._decode(z), x, self.likelihood_opts)
+        lp = self.likelihood.log_prob(self._decode(z, x), x, self.likelihood_opts)
         qf = q.float()
         if self.prior.factorized:
             kl_per_dim = self.prior.kl_per_dim(qf)
@@ -136,34 +147,68 @@ class VAE(nn.Module):
 
     # --- images ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def render(self, z: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean image decoded from z, in [0, 1], (N, *image_shape)."""
+    def render(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The image decoded from z, in [0, 1], (N, *image_shape): the likelihood's mean, or for an
+        autoregressive decoder a draw from p(x|z), pixel by pixel."""
+        if self.autoregressive:
+            return self.sample_pixels(z, generator)[0]
         return self.likelihood.mean(self._decode(z), self.likelihood_opts).clamp(0, 1)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def sample_pixels(self, z: torch.Tensor, generator: torch.Generator | None = None,
+                      window: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ~ p(x|z) from an autoregressive decoder, one pixel and colour at a time in raster order, and
+        log p(x|z) summed from the conditionals each value was drawn from: (N, *image_shape), (N,).
+
+        Pixel (r, c) depends only on rows r − reach … r and columns c − reach … c + reach (reach = the
+        decoder's rows_above), so with `window` each step runs the decoder on that window instead of the
+        whole image: the same conditionals (the decoder is fully convolutional and causal) at a fraction
+        of the cost. `window=False` is the plain whole-image loop, kept as its reference.
+        """
+        lik, opts = self.likelihood, self.likelihood_opts
+        if lik.sample is None or lik.pixel_log_prob is None:
+            raise ValueError("this likelihood cannot be sampled pixel by pixel")
+        n_colors, height, width = self.image_shape
+        x = torch.zeros(z.shape[0], *self.image_shape, device=z.device)
+        log_px = torch.zeros(z.shape[0], device=z.device)
+        reach = self.decoder.rows_above if window else max(height, width)
+        for r in range(height):
+            top = max(0, r - reach)
+            for c in range(width):
+                left = max(0, c - reach)
+                crop = x[:, :, top : r + 1, left : c + reach + 1]
+                for ch in range(n_colors):
+                    params = self._decode(z, crop)[:, :, ch, -1, c - left, None, None, None]  # (N, P, 1, 1, 1)
+                    value = lik.sample(params, opts, generator)  # (N, 1, 1, 1)
+                    log_px += lik.pixel_log_prob(params, value, opts).view(-1)
+                    x[:, ch, r, c] = value.view(-1)  # also writes into `crop`, a view of x
+        return x, log_px
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reconstructions decoded from the posterior mean."""
-        return self.render(self._encode(x).mu)
+        return self.render(self._encode(x).mu, generator)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images decoded from z ~ p(z)."""
-        return self.render(self.prior.sample(n, generator=generator))
+        return self.render(self.prior.sample(n, generator=generator), generator)
 
 
 def build_vae(cfg, *, init_images: torch.Tensor | None = None, fixed_sigma: float | None = None) -> VAE:
-    """The VAE of a RunConfig. `init_images` (N, 1, 28, 28), uint8 or in [0, 1]: training images a prior
+    """The VAE of a RunConfig. `init_images` (N, C, H, W), uint8 or in [0, 1]: training images a prior
     may start from (VampPrior pseudo-inputs); `fixed_sigma`: the σ a σ-VAE scores held-out data with."""
     m = cfg.model
+    shape = DATASETS[cfg.data.dataset].image_shape
     likelihood = get_likelihood(cfg.likelihood.name)
-    encoder = ENCODERS[m.arch](m)
-    decoder = DECODERS[m.arch](m, likelihood.params_per_pixel)
+    encoder = ENCODERS[m.encoder_name](m, shape)
+    decoder = DECODERS[m.decoder_name].build(m, shape, likelihood.params_per_pixel)
     entry = PRIORS[cfg.prior.name]
     images = _pick_init_images(cfg, init_images) if entry.needs_images else None
-    prior = entry.build(m.latent_dim, cfg.prior.components, encoder, IMAGE_SHAPE, images)
+    prior = entry.build(m.latent_dim, cfg.prior.components, encoder, shape, images)
     opts = LikelihoodOptions(scale=cfg.likelihood.scale, min_log_sigma=cfg.likelihood.min_log_sigma,
                              fixed_sigma=fixed_sigma)
-    return VAE(encoder, decoder, prior, likelihood, opts, IMAGE_SHAPE)
+    return VAE(encoder, decoder, prior, likelihood, opts, shape)
 
 
 def _pick_init_images(cfg, images: torch.Tensor | None) -> torch.Tensor | None:
