@@ -5,7 +5,8 @@ For the decoders of studies/autoregressive.yaml (16 channels, 5×5 masks, depth 
 and backward, Adam), teacher-forced scoring (forward only, what ELBO and IWAE cost), and drawing
 images pixel by pixel, with the windowed sampler the pipeline uses (each step runs the decoder on the
 rows and columns the pixel depends on) and with the plain whole-image loop. The variants are
-interleaved, `--repeats` times each; best and median are reported. Writes a section of bench/RESULTS.md.
+interleaved, `--repeats` times each; best and median are reported. Sampling runs on one thread, as the
+pipeline does on a CPU, and once more on all of torch's threads. Writes a section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def measure(model, batch: int, n_sample: int) -> dict[str, float]:
         model.eval()
         out["score_img_s"] = batch / _timed(lambda: model.recon_nll(x, model.posterior(x).mu))
         out["sample_window_img_s"] = n_sample / _timed(lambda: model.sample_pixels(z, torch.Generator().manual_seed(3)))
+        out["sample_window_all_threads_img_s"] = n_sample / _timed(
+            lambda: model.sample_pixels(z, torch.Generator().manual_seed(3), cpu_threads=None))
         out["sample_whole_img_s"] = n_sample / _timed(
             lambda: model.sample_pixels(z, torch.Generator().manual_seed(3), window=False))
         model.train()
@@ -86,7 +89,8 @@ def main() -> None:
             m = runs[label][-1]
             print(f"[bench] repeat {r + 1}/{args.repeats}  {label}: step {m['train_step_s'] * 1e3:.0f} ms, "
                   f"scoring {m['score_img_s']:,.0f} img/s, sampling {m['sample_window_img_s']:.1f} img/s windowed, "
-                  f"{m['sample_whole_img_s']:.1f} whole-image", flush=True)
+                  f"{m['sample_window_all_threads_img_s']:.1f} on all threads, {m['sample_whole_img_s']:.1f} whole-image",
+                  flush=True)
 
     def best_median(label, key, best=max):
         values = [m[key] for m in runs[label]]
@@ -101,18 +105,19 @@ def main() -> None:
         "the 32-channel, 5-layer one the decoder-families issue quotes; the variants interleaved in one process, "
         f"best [median] of {args.repeats}. Sampling draws {args.samples} images at once, 784 decoder passes each.",
         "",
-        "| decoder | training step, batch 128 (ms) | teacher-forced scoring (img/s) | sampling, windowed (img/s) "
-        "| sampling, whole image (img/s) | windowed / whole |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| decoder | training step, batch 128 (ms) | teacher-forced scoring (img/s) | sampling, windowed, 1 thread (img/s) "
+        f"| the same on {torch.get_num_threads()} threads (img/s) | sampling, whole image, 1 thread (img/s) | windowed / whole |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for label in DECODERS:
         step = best_median(label, "train_step_s", min)
         score = best_median(label, "score_img_s")
         win = best_median(label, "sample_window_img_s")
+        threads = best_median(label, "sample_window_all_threads_img_s")
         whole = best_median(label, "sample_whole_img_s")
         ratios = [m["sample_window_img_s"] / m["sample_whole_img_s"] for m in runs[label]]
         lines.append(f"| {label} | {step[0] * 1e3:.0f} [{step[1] * 1e3:.0f}] | {score[0]:,.0f} [{score[1]:,.0f}] "
-                     f"| {win[0]:.1f} [{win[1]:.1f}] | {whole[0]:.1f} [{whole[1]:.1f}] "
+                     f"| {win[0]:.1f} [{win[1]:.1f}] | {threads[0]:.1f} [{threads[1]:.1f}] | {whole[0]:.1f} [{whole[1]:.1f}] "
                      f"| {max(ratios):.2f}× [{statistics.median(ratios):.2f}×] |")
     lines += [
         "",

@@ -44,8 +44,9 @@ def default_iwae_k(device: torch.device, autoregressive: bool = False) -> int:
 
 
 def default_n_samples(device: torch.device, autoregressive: bool = False) -> int:
-    """Prior samples for sharpness and Fréchet distance. Pixel by pixel, the studies' PixelCNN draws
-    ~15 images/s on this project's 2-core CPU (`make bench`): 256 take under a minute there."""
+    """Prior samples for sharpness and Fréchet distance. Pixel by pixel, the depth-4 PixelCNN of
+    studies/autoregressive.yaml draws ~8 images/s on this project's 2-core CPU (`make bench`), so 256
+    samples and as many reconstructions take about a minute there."""
     return 256 if autoregressive and device.type != "cuda" else 10_000
 
 

@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, build_config
 from pipeline.vae import build_vae
 from pipeline.vae.pixelcnn import PixelCNNDecoder
 
-from .test_train import QUIET, _cfg
+from .test_train import QUIET, _cfg, straight_and_resumed_weights
 
 PIXELCNN = ["model.decoder=pixelcnn", "model.channels=6", "model.decoder_depth=2", "model.kernel_size=3",
             "model.latent_dim=4", "model.hidden_dim=32"]
@@ -132,27 +132,8 @@ def test_iwae_bound_is_above_the_elbo_with_a_pixelcnn_decoder():
 
 
 def test_resume_with_a_pixelcnn_decoder_is_bitwise_exact(home, monkeypatch):
-    from pipeline import train as train_mod
-    from pipeline.checkpoint import CHECKPOINT, load_checkpoint
-    from pipeline.stages import train_stage
-
     cfg = _cfg(*PIXELCNN, "data.binarize=dynamic", "tracking.enabled=false", "train.grid_images_autoregressive=2")
-    train_stage(cfg, run_dir=home / "straight", **QUIET)
-    real_step, calls = train_mod.train_step, {"n": 0}
-
-    def crashing_step(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 8 + 5:  # epoch 2 of 2, step 5 of 8
-            raise KeyboardInterrupt
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(train_mod, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage(cfg, run_dir=home / "resumed", **QUIET)
-    monkeypatch.setattr(train_mod, "train_step", real_step)
-    assert load_checkpoint(home / "resumed" / CHECKPOINT)["epoch"] == 1
-    assert train_stage(cfg, run_dir=home / "resumed", **QUIET).status == "finished"
-    a, b = (load_checkpoint(Path(home / d / CHECKPOINT))["model"] for d in ("straight", "resumed"))
+    a, b = straight_and_resumed_weights(home, monkeypatch, cfg)
     assert any(k.startswith("decoder.layers.") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -4,7 +4,6 @@ bounds per prior, and exact resume with a learnable prior."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from pipeline.config import ConfigError, build_config
 from pipeline.vae import PRIORS, DiagonalGaussian, build_vae
 from pipeline.vae import priors as P
 
-from .test_train import QUIET, _cfg
+from .test_train import QUIET, _cfg, straight_and_resumed_weights
 
 
 def _gen(seed=0):
@@ -122,27 +121,8 @@ def test_vamp_from_data_needs_as_many_training_images_as_pseudo_inputs():
 
 @pytest.mark.parametrize("name", ["mog", "vamp"])
 def test_resume_with_a_learnable_prior_is_bitwise_exact(home, monkeypatch, name):
-    from pipeline import train as train_mod
-    from pipeline.checkpoint import CHECKPOINT, load_checkpoint
-    from pipeline.stages import train_stage
-
     cfg = _cfg(f"prior.name={name}", "prior.components=4", "tracking.enabled=false")
-    train_stage(cfg, run_dir=home / "straight", **QUIET)
-    real_step, calls = train_mod.train_step, {"n": 0}
-
-    def crashing_step(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 8 + 5:  # epoch 2 of 2, step 5 of 8
-            raise KeyboardInterrupt
-        return real_step(*a, **kw)
-
-    monkeypatch.setattr(train_mod, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage(cfg, run_dir=home / "resumed", **QUIET)
-    monkeypatch.setattr(train_mod, "train_step", real_step)
-    assert load_checkpoint(home / "resumed" / CHECKPOINT)["epoch"] == 1
-    assert train_stage(cfg, run_dir=home / "resumed", **QUIET).status == "finished"
-    a, b = (load_checkpoint(Path(home / d / CHECKPOINT))["model"] for d in ("straight", "resumed"))
+    a, b = straight_and_resumed_weights(home, monkeypatch, cfg)
     prior_keys = [k for k in a if k.startswith("prior.")]
     assert prior_keys, "the prior's parameters are in the checkpoint"
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -107,6 +107,27 @@ class _CrashAfter(Exception):
     pass
 
 
+def straight_and_resumed_weights(home, monkeypatch, cfg) -> tuple[dict, dict]:
+    """State dicts of a 2-epoch run trained straight and of the same run interrupted at epoch 2, step 5
+    of 8 (Ctrl-C), then resumed from its epoch-1 checkpoint by rerunning the stage."""
+    train_stage(cfg, run_dir=home / "straight", **QUIET)
+    real_step, calls = train_mod.train_step, {"n": 0}
+
+    def crashing_step(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 8 + 5:
+            raise KeyboardInterrupt
+        return real_step(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(cfg, run_dir=home / "resumed", **QUIET)
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert load_checkpoint(home / "resumed" / CHECKPOINT)["epoch"] == 1
+    assert train_stage(cfg, run_dir=home / "resumed", **QUIET).status == "finished"
+    return _weights(home / "straight"), _weights(home / "resumed")
+
+
 def test_resume_after_a_mid_epoch_crash_is_bitwise_exact_with_no_duplicate_points(home, monkeypatch):
     # The reference: 2 epochs straight.
     train_stage(_cfg("tracking.enabled=false"), run_dir=home / "straight", **QUIET)

@@ -36,7 +36,8 @@ def _figures():
 
     return [
         ("kl_per_dimension", F.kl_heatmap), ("collapse_by_factor", F.collapse_by_factor),
-        ("training_curves", F.training_curves), ("sharpness", F.sharpness), ("images", F.image_panel),
+        ("training_curves", F.training_curves), ("decoder_power", F.decoder_power), ("sharpness", F.sharpness),
+        ("images", F.image_panel),
         ("rate_distortion", F.rate_distortion), ("main_effects", F.main_effects), ("interaction", F.interaction),
         ("importances", lambda a, out: F.importances(a, out, param_importances)), ("pareto", F.pareto),
         ("baseline_differences", F.baseline_differences),

@@ -9,13 +9,18 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.report.collect import Factor, StudyData, baseline_point, config_label
-from pipeline.report.stats import config_summary, pareto_ranks, result_metric_names
+from pipeline.report.collect import REMEDY_KINDS, Factor, StudyData, baseline_point, config_label
+from pipeline.report.stats import config_summary, pareto_ranks, result_metric_names, t_interval
 from pipeline.report.verdict import collapse_onset, verdict_of
-from pipeline.studyspec import point_key
+from pipeline.studyspec import StudySpec, point_key
+from pipeline.vae.decoders import DECODERS
 
 MAX_PANELS = 16  # configs in a small-multiple figure; larger studies show a spread of the leaderboard
 COLLAPSE_TARGETS = ("test/active_units", "test/mutual_info")
+# What a more powerful decoder takes from the code, in the decoder-power view.
+POWER_METRICS = ("test/kl", "test/active_units", "test/mutual_info")
+# Per run, how its decoder and remedy are described (collect.decoder_of, collect.remedy_of).
+POWER_COLUMNS = ("decoder", "autoregressive", "rows_above", "decoder_label", "remedy", "remedy_kind")
 
 
 class ReportError(PipelineError, ValueError):
@@ -36,6 +41,10 @@ class Analysis:
     baseline_note: str
     onsets: dict[str, float | None]  # run_id → collapse onset step
     shown: list[str]  # point keys of the configs the small multiples show, in summary order
+    # Whether any trial, finished or not, has an autoregressive decoder: the decoder-power view and the
+    # pixel-by-pixel notes on images are shown only then.
+    autoregressive: bool = False
+    power: pd.DataFrame | None = None  # summary rows with their decoder and remedy, in decoder-power order
 
     def factor(self, key: str) -> Factor:
         return next(f for f in self.factors if f.key == key)
@@ -103,6 +112,53 @@ def _baseline(data: StudyData, summary: pd.DataFrame) -> tuple[str | None, str]:
     return best.point, f"{best.config}, the best config by the objective (searches have no design baseline)"
 
 
+def names_autoregressive_decoder(spec: StudySpec) -> bool:
+    """Whether the study file puts an autoregressive decoder in any trial (its base or its levels)."""
+    names = []
+    for key in ("model.decoder", "model.arch"):
+        names.append(spec.base.get(key))
+        levels = spec.space.get(key)
+        names += levels if isinstance(levels, list) else []
+    return any(isinstance(n, str) and n in DECODERS and DECODERS[n].autoregressive for n in names)
+
+
+def remedy_order(power: pd.DataFrame) -> list[str]:
+    """Remedies as the report lists them: no remedy first, then free bits, annealing, both."""
+    pairs = power[["remedy_kind", "remedy"]].drop_duplicates()
+    ranked = sorted(zip(pairs.remedy_kind, pairs.remedy), key=lambda kr: (REMEDY_KINDS.index(kr[0]), kr[1] != "none", kr[1]))
+    return [remedy for _, remedy in ranked]
+
+
+def power_table(summary: pd.DataFrame, finished: pd.DataFrame) -> pd.DataFrame:
+    """Each config's summary row with its decoder and remedy, ordered by remedy, then feed-forward
+    decoders (the baselines) before autoregressive ones by rows seen above."""
+    if summary.empty:
+        return summary.assign(**{c: [] for c in POWER_COLUMNS})
+    per_point = finished.drop_duplicates("point").set_index("point")[list(POWER_COLUMNS)]
+    power = summary.join(per_point, on="point")
+    order = {r: i for i, r in enumerate(remedy_order(power))}
+    keys = pd.DataFrame({"remedy": power.remedy.map(order), "ar": power.autoregressive.astype(bool),
+                         "rows": power.rows_above.astype(float), "decoder": power.decoder})
+    return power.loc[keys.sort_values(["remedy", "ar", "rows", "decoder"], kind="stable").index].reset_index(drop=True)
+
+
+def power_cells(finished: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean and 95% seed interval of `metric` per (remedy, decoder, rows seen above). A cell holding
+    several configs (other factors varied too) averages each seed over them first, so its interval is
+    still seed-to-seed variation. Columns: remedy, decoder, autoregressive, rows_above, mean, lo, hi, n, configs."""
+    cols = ["remedy", "decoder", "autoregressive", "rows_above", "mean", "lo", "hi", "n", "configs"]
+    runs = finished.dropna(subset=[metric, "rows_above"]) if metric in finished else finished.iloc[:0]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    by = ["remedy", "decoder", "autoregressive", "rows_above"]
+    rows = []
+    for keys, cell in runs.groupby(by, sort=False):
+        per_seed = cell.groupby("seed")[metric].mean().to_numpy(float)
+        mean, _, lo, hi, n = t_interval(per_seed)
+        rows.append({**dict(zip(by, keys)), "mean": mean, "lo": lo, "hi": hi, "n": n, "configs": cell.point.nunique()})
+    return pd.DataFrame(rows, columns=cols)
+
+
 def analyze(data: StudyData, interaction: tuple[str, str] | None = None) -> Analysis:
     spec = data.spec
     runs = data.runs
@@ -131,4 +187,7 @@ def analyze(data: StudyData, interaction: tuple[str, str] | None = None) -> Anal
                         _interaction(data.factors, interaction), None, "", onsets,
                         _shown(summary) if not summary.empty else [])
     analysis.baseline, analysis.baseline_note = _baseline(data, summary)
+    analysis.autoregressive = bool(len(runs) and runs.autoregressive.any()) or names_autoregressive_decoder(spec)
+    if analysis.autoregressive:
+        analysis.power = power_table(summary, finished)
     return analysis

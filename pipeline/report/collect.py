@@ -7,6 +7,7 @@ dimension KL vectors. A study that is still running, partly failed or pruned is 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -19,7 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.config import RunConfig
 from pipeline.studyspec import Range, StudySpec, design_points, expand_trials, point_key
+from pipeline.vae.decoders import DECODERS
 
 # Test metrics that record how an evaluation was run (k, batch sizes, classifier accuracy), not a result.
 EVAL_SETTINGS = ("test/iwae_k", "test/mi_batch", "test/n_samples", "test/hf_cutoff", "test/test_images",
@@ -151,6 +154,70 @@ class StudyData:
             self._cache = None
 
 
+# How decoder families are written in the report.
+DECODER_NAMES = {"mlp": "MLP", "conv": "conv", "pixelcnn": "PixelCNN"}
+# Remedies against collapse, in the order the report lists them (no remedy first).
+REMEDY_KINDS = ("none", "free bits", "KL annealing", "free bits + KL annealing")
+
+
+@functools.cache
+def _config_defaults() -> dict[str, Any]:
+    return RunConfig().flat()
+
+
+def _param(params: dict[str, str], key: str) -> Any:
+    """A run's config value: its MLflow param, else the default (a run from before the key existed ran
+    with the value the key was introduced with, which is its default); None is logged as "None"."""
+    raw = params.get(key)
+    if raw is None:
+        return _config_defaults().get(key)
+    return None if raw == "None" else raw
+
+
+def decoder_of(params: dict[str, str], pixel_by_pixel: float | None = None) -> dict[str, Any]:
+    """A run's effective decoder: family, whether it draws pixel by pixel, rows above a pixel it sees.
+
+    `model.decoder` is None (or absent, before it existed) when it is the family `model.arch` names.
+    An autoregressive masked stack sees `decoder_depth · (kernel_size // 2)` rows above the pixel it
+    predicts (`PixelCNNDecoder.rows_above`); a feed-forward decoder sees no pixel of x at all: 0. A
+    decoder this version does not know is autoregressive when its evaluation drew pixel by pixel, and
+    its receptive field is then unknown (NaN)."""
+    name = str(_param(params, "model.decoder") or _param(params, "model.arch"))
+    entry = DECODERS.get(name)
+    autoregressive = entry.autoregressive if entry is not None else pixel_by_pixel == 1
+    depth = int(float(_param(params, "model.decoder_depth")))
+    kernel = int(float(_param(params, "model.kernel_size")))
+    family = DECODER_NAMES.get(name, name)
+    if not autoregressive:
+        rows, label = 0, f"{family} (no autoregression)"
+    elif entry is None:  # its reach is not ours to guess
+        rows, label = math.nan, f"{family} (autoregressive, receptive field unknown)"
+    else:
+        rows = depth * (kernel // 2)
+        label = f"{family}, {rows} row{'' if rows == 1 else 's'} above (depth {depth}, k {kernel})"
+    return {"decoder": name, "autoregressive": autoregressive, "rows_above": rows, "decoder_label": label}
+
+
+def remedy_of(params: dict[str, str]) -> dict[str, Any]:
+    """The remedy against collapse a run trained with: free bits, KL annealing, both or none, named
+    with its settings, plus a β other than 1 (a plain β-VAE is no remedy but changes every number)."""
+    free_bits = str(_param(params, "objective.free_bits"))
+    schedule = str(_param(params, "objective.schedule"))
+    beta = float(_param(params, "objective.beta"))
+    parts = []
+    if free_bits != "none":
+        lam = float(_param(params, "objective.free_bits_lambda"))
+        parts.append(f"free bits λ={lam:g} nats" + ("/dim" if free_bits == "per_dim" else f" ({free_bits})"))
+    if schedule != "constant":
+        span = (f"{int(float(_param(params, 'objective.cycles')))} cycles" if schedule == "cyclical" else
+                f"over {int(float(_param(params, 'objective.warmup_steps')))} steps")
+        parts.append(f"KL annealing ({schedule}, {span})")
+    kind = REMEDY_KINDS[(free_bits != "none") + 2 * (schedule != "constant")]
+    if beta != 1:
+        parts.append(f"β={beta:g}")
+    return {"remedy": " + ".join(parts) or "none", "remedy_kind": kind}
+
+
 def _runs_table(spec: StudySpec, factors: list[Factor], records: list[dict]) -> pd.DataFrame:
     rows = []
     now_ms = time.time() * 1000
@@ -175,11 +242,14 @@ def _runs_table(spec: StudySpec, factors: list[Factor], records: list[dict]) -> 
             "latent_dim": int(float(params["model.latent_dim"])) if "model.latent_dim" in params else -1,
             "prior": params.get("prior.name", "standard_normal"),  # runs from before priors existed
             "config": config_label(point, factors),
+            **decoder_of(params, metrics.get("test/pixel_by_pixel")),
+            **remedy_of(params),
             **point,
             **{k: v for k, v in metrics.items() if k.startswith("test/")},
         })
     cols = ["run_id", "status", "trial", "seed", "point", "failure_reason", "duration_s", "run_dir", "latent_dim",
-            "prior", "config", *(f.key for f in factors)]
+            "prior", "config", "decoder", "autoregressive", "rows_above", "decoder_label", "remedy", "remedy_kind",
+            *(f.key for f in factors)]
     runs = pd.DataFrame(rows, columns=None if rows else cols)
     return runs.sort_values(["trial", "seed"], kind="stable").reset_index(drop=True) if rows else runs
 

@@ -22,14 +22,19 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from pipeline.metrics import COLLAPSED_KL  # noqa: E402
-from pipeline.report.analysis import Analysis  # noqa: E402
-from pipeline.report.collect import CURVE_BINS, Factor, fmt_level  # noqa: E402
+from pipeline.report.analysis import POWER_METRICS, Analysis, power_cells, remedy_order  # noqa: E402
+from pipeline.report.collect import CURVE_BINS, DECODER_NAMES, Factor, fmt_level  # noqa: E402
 from pipeline.report.stats import LEVEL, t_interval, welch_difference  # noqa: E402
 from pipeline.report.verdict import prior_factorizes  # noqa: E402
 
 VERDICT_COLORS = {"collapsed": "#c44e52", "partial": "#dd8452", "healthy": "#55a868", "n/a": "#8c8c8c"}
 SHARPNESS = (("laplacian", "variance of the Laplacian"), ("tenengrad", "Tenengrad"), ("hf_energy", "high-frequency energy"))
 DPI = 150
+# Wherever images of an autoregressive decoder are shown or measured.
+PIXEL_BY_PIXEL = ("Images of an autoregressive decoder (its reconstructions, prior samples and traversals) are drawn "
+                  "pixel by pixel: they are samples of p(x|z), not the likelihood's mean, so binary or discrete "
+                  "pixels look sharp and their sharpness and Fréchet distances are not comparable with those of "
+                  "feed-forward decoders, whose images are means.")
 
 METRIC_LABELS = {
     "test/iwae_nll": "IWAE NLL (nats/image)",
@@ -279,6 +284,25 @@ def kl_heatmap(a: Analysis, out: Path) -> Figure | str:
     return save(fig, "kl_per_dimension", out, caption)
 
 
+def _collapse_guides(ax, a: Analysis, metric: str) -> None:
+    """The ceilings a collapse measure is read against: d for active units, log B for I(x; z)."""
+    if metric == "test/active_units":
+        dims = sorted(set(a.finished.latent_dim))
+        if len(dims) == 1:
+            ax.axhline(dims[0], color="grey", ls="--", lw=0.8)
+            ax.text(0.99, dims[0], f"d = {dims[0]} ", transform=ax.get_yaxis_transform(), va="top",
+                    ha="right", fontsize=7, color="grey")
+            ax.set_ylim(top=dims[0] * 1.08)
+        ax.set_ylim(bottom=-0.5)
+    if metric == "test/mutual_info" and "test/mi_batch" in a.finished:
+        cap = float(np.log(a.finished["test/mi_batch"].max()))
+        ax.axhline(cap, color="grey", ls=":", lw=0.8)
+        ax.text(0.99, cap, "log B (estimator cap) ", transform=ax.get_yaxis_transform(), va="top",
+                ha="right", fontsize=7, color="grey")
+        ax.set_ylim(top=max(ax.get_ylim()[1], cap * 1.08))
+        ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
+
+
 def collapse_by_factor(a: Analysis, out: Path) -> Figure | str:
     metrics = [m for m in ("test/active_units", "test/mutual_info") if m in a.finished]
     if a.finished.empty or not metrics:
@@ -294,21 +318,7 @@ def collapse_by_factor(a: Analysis, out: Path) -> Figure | str:
                 handles = _factor_panel(ax, f, df, m, partner)
                 if j == 0:
                     ax.set_ylabel(metric_label(m))
-                if m == "test/active_units":
-                    dims = sorted(set(a.finished.latent_dim))
-                    if len(dims) == 1:
-                        ax.axhline(dims[0], color="grey", ls="--", lw=0.8)
-                        ax.text(0.99, dims[0], f"d = {dims[0]} ", transform=ax.get_yaxis_transform(), va="top",
-                                ha="right", fontsize=7, color="grey")
-                        ax.set_ylim(top=dims[0] * 1.08)
-                    ax.set_ylim(bottom=-0.5)
-                if m == "test/mutual_info" and "test/mi_batch" in a.finished:
-                    cap = float(np.log(a.finished["test/mi_batch"].max()))
-                    ax.axhline(cap, color="grey", ls=":", lw=0.8)
-                    ax.text(0.99, cap, "log B (estimator cap) ", transform=ax.get_yaxis_transform(), va="top",
-                            ha="right", fontsize=7, color="grey")
-                    ax.set_ylim(top=max(ax.get_ylim()[1], cap * 1.08))
-                    ax.set_ylim(bottom=min(0, ax.get_ylim()[0]))
+                _collapse_guides(ax, a, m)
                 if i < len(metrics) - 1:
                     ax.set_xlabel("")
                     ax.tick_params(labelbottom=False)
@@ -385,6 +395,71 @@ def training_curves(a: Analysis, out: Path) -> Figure | str:
                f"level; dashed red: the collapse onset, the first step from which the binned KL stays below that line "
                f"to the end.{onset}{more}")
     return save(fig, "training_curves", out, caption)
+
+
+# --- Decoder power ---------------------------------------------------------------------------------
+FEED_FORWARD_MARKERS = "sDv^P"  # one per feed-forward family at x = 0; autoregressive points are circles
+
+
+def decoder_power(a: Analysis, out: Path) -> Figure | str:
+    if not a.autoregressive:
+        return "The study has no autoregressive decoder."
+    metrics = [m for m in POWER_METRICS if m in a.finished]
+    finished = a.finished.dropna(subset=["rows_above"])
+    if not metrics or not finished.autoregressive.astype(bool).any():
+        return "No run of an autoregressive decoder has finished with KL, active units and I(x; z) yet."
+    remedies = remedy_order(finished)
+    colors = dict(zip(remedies, _palette(len(remedies), ordered=False)))
+    ar_rows = sorted(set(finished.rows_above[finished.autoregressive.astype(bool)]))
+    feed_forward = list(dict.fromkeys(finished.decoder[~finished.autoregressive.astype(bool)]))
+    span = max(ar_rows + [1])
+    dodge = 0.025 * span  # series side by side, so that equal means do not hide each other's bars
+    several = False
+    with _style():
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics) + 0.4, 2.9), squeeze=False)
+        handles: dict[str, object] = {}
+        for ax, m in zip(axes[0], metrics):
+            cells = power_cells(finished, m)
+            several |= bool((cells.configs > 1).any())
+            for i, remedy in enumerate(remedies):
+                shift = (i - (len(remedies) - 1) / 2) * dodge
+                mine = cells[cells.remedy == remedy]
+                ar = mine[mine.autoregressive.astype(bool)].sort_values("rows_above")
+                if len(ar):
+                    err = np.nan_to_num(np.vstack([ar["mean"] - ar.lo, ar.hi - ar["mean"]]))
+                    line = ax.errorbar(ar.rows_above + shift, ar["mean"], yerr=err, fmt="o-", color=colors[remedy],
+                                       ms=4, lw=1, capsize=2)
+                    handles.setdefault(remedy, line)
+                for _, ff in mine[~mine.autoregressive.astype(bool)].iterrows():
+                    marker = FEED_FORWARD_MARKERS[feed_forward.index(ff.decoder) % len(FEED_FORWARD_MARKERS)]
+                    err = np.nan_to_num([[ff["mean"] - ff.lo], [ff.hi - ff["mean"]]])
+                    ax.errorbar([shift], [ff["mean"]], yerr=err, fmt=marker, color=colors[remedy], ms=5, capsize=2,
+                                mfc="white", mew=1.2)
+                    handles.setdefault(remedy, plt.Line2D([], [], color=colors[remedy], marker="o", ms=4, lw=1))
+            _collapse_guides(ax, a, m)
+            ticks = ([0] if feed_forward else []) + ar_rows
+            names = ", ".join(DECODER_NAMES.get(d, d) for d in feed_forward)
+            ax.set_xticks(ticks, [f"0\n{names}" if t == 0 and feed_forward else f"{t:g}" for t in ticks])
+            ax.set_xlim(-0.08 * span - dodge * len(remedies), span * 1.08 + dodge * len(remedies))
+            ax.set_xlabel("rows above the pixel the decoder sees")
+            ax.set_ylabel(metric_label(m))
+        for name in feed_forward:
+            marker = FEED_FORWARD_MARKERS[feed_forward.index(name) % len(FEED_FORWARD_MARKERS)]
+            handles[f"{DECODER_NAMES.get(name, name)} (feed-forward, x = 0)"] = plt.Line2D(
+                [], [], ls="", marker=marker, color="grey", mfc="white", mew=1.2, ms=5)
+        fig.tight_layout()
+        fig.legend(handles=list(handles.values()), labels=list(handles), loc="center left", bbox_to_anchor=(1.0, 0.5),
+                   frameon=False, title="remedy", title_fontsize=8)
+    averaged = (" Where a point holds several configs (factors other than decoder and remedy varied too), each seed "
+                "is first averaged over them.") if several else ""
+    one_seed = finished.groupby("point").seed.nunique().max() < 2
+    bars = ("One seed per config: no interval can be drawn, so no difference here should be read as real."
+            if one_seed else f"Bars: {LEVEL:.0%} t-intervals over seeds.")
+    caption = ("Decoder power: test KL rate, active units and I(x; z) against the rows above a pixel the "
+               "autoregressive decoder sees, depth × (kernel size // 2) for the PixelCNN's masked stack (its "
+               "receptive field); one line per remedy against collapse. Hollow markers at 0: feed-forward decoders, "
+               f"which see no pixel of the image and model it only through z. Means over seeds. {bars}{averaged}")
+    return save(fig, "decoder_power", out, caption)
 
 
 # --- Sharpness -------------------------------------------------------------------------------------
@@ -468,6 +543,8 @@ def sharpness(a: Analysis, out: Path) -> Figure | str:
     caption = (f"Sharpness of reconstructions and prior samples relative to the real test images (1.0 = as sharp as "
                f"the data, below = blurrier; log scale) against {which}: variance of the Laplacian, Tenengrad "
                f"(Sobel gradient energy) and the share of spectral energy above 0.25 cycles/pixel. {_seeds_note(a)}")
+    if a.autoregressive:
+        caption += f" {PIXEL_BY_PIXEL}"
     return save(fig, "sharpness", out, caption)
 
 
@@ -484,6 +561,11 @@ def _grid_rows(path: Path, rows: list[int], ncol: int = 8) -> np.ndarray | None:
     if any(p.shape[0] != s * 30 for p in parts):
         return None
     return np.concatenate(parts, axis=0)
+
+
+def _drawn_pixel_by_pixel(a: Analysis, point: str) -> bool:
+    runs = a.finished[a.finished.point == point]
+    return bool(len(runs) and runs.autoregressive.astype(bool).any())
 
 
 def image_panel(a: Analysis, out: Path) -> Figure | str:
@@ -519,13 +601,22 @@ def image_panel(a: Analysis, out: Path) -> Figure | str:
                     s.set_visible(False)
                 if i == 0:
                     ax.set_title(titles[j], fontsize=9)
-            label = "\n".join([*cfg.config.split(", "), f"[{cfg.verdict}] seed {seed}"])
+            drawn = ["drawn pixel by pixel"] if _drawn_pixel_by_pixel(a, cfg.point) else []
+            label = "\n".join([*cfg.config.split(", "), *drawn, f"[{cfg.verdict}] seed {seed}"])
             axes[i, 0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center", labelpad=6,
                                   color=VERDICT_COLORS.get(cfg.verdict, "black"))
     more = f" Showing {len(rows)} of {len(a.summary)} configs." if len(rows) < len(a.summary) else ""
-    caption = ("Per config (rows; the lowest finished seed): the first 16 test images, their reconstructions (the "
-               "likelihood's mean at the posterior mean), and 16 samples decoded from the prior, from the evaluation's "
-               f"image grids. Rendered as the likelihood's mean, so blur here is the decoder's, not noise.{more}")
+    drawn = [cfg.point for cfg, _, _ in rows if _drawn_pixel_by_pixel(a, cfg.point)]
+    if not drawn:
+        how = ("reconstructions (the likelihood's mean at the posterior mean), and 16 samples decoded from the prior, "
+               "from the evaluation's image grids. Rendered as the likelihood's mean, so blur here is the decoder's, "
+               "not noise.")
+    else:
+        means = (" Rows of feed-forward decoders are rendered as the likelihood's mean, so blur there is the decoder's, "
+                 "not noise." if len(drawn) < len(rows) else "")
+        how = ("reconstructions (from the posterior mean), and 16 samples decoded from the prior, from the "
+               f"evaluation's image grids. Rows marked \"drawn pixel by pixel\": {PIXEL_BY_PIXEL}{means}")
+    caption = f"Per config (rows; the lowest finished seed): the first 16 test images, their {how}{more}"
     return save(fig, "images", out, caption)
 
 

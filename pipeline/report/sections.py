@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.report import figures as F
-from pipeline.report.analysis import Analysis
-from pipeline.report.collect import STATES, fmt_level
+from pipeline.report.analysis import Analysis, power_cells, remedy_order
+from pipeline.report.collect import DECODER_NAMES, STATES, fmt_level
 from pipeline.report.render import Bullets, Document, FigureBlock, Section, Table, Text
 from pipeline.report.stats import INTERVAL_NOTE, welch_difference
 from pipeline.report.verdict import ONSET_RULE, RULE, measures_of, prior_factorizes
@@ -165,13 +165,149 @@ def collapse(a: Analysis, figs: dict) -> Section:
     return Section("Collapse", blocks)
 
 
+# --- Decoder power ---------------------------------------------------------------------------------
+# metric → (name, unit, whether the name is plural: "active units rise", "KL rises")
+POWER_WORDS = {"test/kl": ("KL", " nats", False), "test/active_units": ("active units", "", True),
+               "test/mutual_info": ("I(x; z)", " nats", False)}
+
+
+def _num(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _change(metric: str, start: pd.Series, end: pd.Series) -> str:
+    """'KL falls from 12 to 0.4 nats', or says the change is within the seed intervals."""
+    name, unit, plural = POWER_WORDS[metric]
+    a, b = start["mean"], end["mean"]
+    s = "" if plural else "s"
+    if a == b:
+        return f"{name} stay{s} at {_num(a)}{unit}"
+    overlap = all(np.isfinite(v) for v in (start.lo, start.hi, end.lo, end.hi)) and start.lo <= end.hi and end.lo <= start.hi
+    verb = f"change{s} within the seed intervals" if overlap else f"fall{s}" if b < a else f"rise{s}"
+    return f"{name} {verb} from {_num(a)} to {_num(b)}{unit}"
+
+
+def _rows(n: float) -> str:
+    return f"{n:g} row{'' if n == 1 else 's'} above"
+
+
+def _restored(metric: str, reference: pd.DataFrame, remedy: pd.DataFrame, ref_name: str) -> str | None:
+    """The remedy's value at the largest receptive field it shares with the reference, against the
+    reference's there, and which share of the reference's loss from its smallest receptive field it
+    makes up (only where the reference lost something)."""
+    shared = sorted(set(reference.rows_above) & set(remedy.rows_above))
+    if not shared:
+        return None
+    at = shared[-1]
+    ref_end = float(reference.loc[reference.rows_above == at, "mean"].iloc[0])
+    mine = float(remedy.loc[remedy.rows_above == at, "mean"].iloc[0])
+    ref_start = float(reference.sort_values("rows_above")["mean"].iloc[0])
+    name, unit, _ = POWER_WORDS[metric]
+    text = f"{name} {_num(mine)}{unit} against {_num(ref_end)}"
+    lost = ref_start - ref_end
+    if at > reference.rows_above.min() and lost > 0:
+        text += (f" (making up {(mine - ref_end) / lost:.0%} of what {ref_name} loses from "
+                 f"{_rows(reference.rows_above.min())} to {at:g})")
+    return text
+
+
+def power_findings(finished: pd.DataFrame) -> list[str]:
+    """What the runs say, in sentences: how KL, active units and I(x; z) change from the smallest to the
+    largest receptive field without a remedy (the first remedy listed, when no config goes without), and
+    what each remedy gives back at the largest receptive field it shares with that reference."""
+    metrics = [m for m in POWER_WORDS if m in finished]
+    if finished.empty or not metrics:
+        return []
+    cells = {m: power_cells(finished, m) for m in metrics}
+    ar = {m: c[c.autoregressive.astype(bool)] for m, c in cells.items()}
+    if all(c.empty for c in ar.values()):
+        return ["No run of an autoregressive decoder has finished yet: nothing to compare."]
+    remedies = remedy_order(finished)
+    reference = "none" if "none" in remedies else remedies[0]
+    ref_name = "no remedy" if reference == "none" else f"remedy {reference}"
+    out = []
+    ref = {m: c[c.remedy == reference] for m, c in ar.items()}
+    levels = sorted(set().union(*(set(c.rows_above) for c in ref.values())))
+    if len(levels) >= 2:
+        changes = []
+        for m in metrics:
+            r = ref[m].sort_values("rows_above")
+            if len(r) >= 2:
+                changes.append(_change(m, r.iloc[0], r.iloc[-1]))
+        text = (f"**{ref_name.capitalize()}.** From the smallest receptive field of the autoregressive decoder "
+                f"({_rows(levels[0])}) to the largest ({_rows(levels[-1])}), " + _join(changes) + ".")
+    elif levels:
+        text = (f"**{ref_name.capitalize()}.** Only one receptive field ({_rows(levels[0])}) has finished "
+                "autoregressive runs: no trend to state yet.")
+    else:
+        text = f"**{ref_name.capitalize()}.** No autoregressive run has finished with it yet."
+    feed_forward = {m: c[(c.remedy == reference) & ~c.autoregressive.astype(bool)] for m, c in cells.items()}
+    for family in dict.fromkeys(feed_forward[metrics[0]].decoder):
+        values = [(m, c.loc[c.decoder == family, "mean"]) for m, c in feed_forward.items()]
+        text += (f" The feed-forward baseline ({DECODER_NAMES.get(family, family)}, no pixel seen) has "
+                 + _join([f"{POWER_WORDS[m][0]} {_num(v.iloc[0])}{POWER_WORDS[m][1]}" for m, v in values if len(v)]) + ".")
+    out.append(text)
+    for remedy in remedies:
+        if remedy == reference:
+            continue
+        parts = [_restored(m, ref[m], ar[m][ar[m].remedy == remedy], ref_name) for m in metrics]
+        mine = ar[metrics[0]][ar[metrics[0]].remedy == remedy]
+        shared = sorted(set(ref[metrics[0]].rows_above) & set(mine.rows_above))
+        if not shared or not any(parts):
+            out.append(f"**With {remedy}**, no autoregressive run shares a receptive field with {ref_name} yet.")
+            continue
+        out.append(f"**With {remedy}**, at {_rows(shared[-1])}, against {ref_name}: " + _join([p for p in parts if p]) + ".")
+    if finished.groupby("point").seed.nunique().max() < 2:
+        out.append("One seed per config: these are single runs, with no interval to tell a difference from noise.")
+    return out
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _power_table(a: Analysis) -> Table:
+    rows = []
+    for _, r in a.power.iterrows():
+        rows.append({"remedy": r.remedy, "decoder": r.decoder_label,
+                     "rows above": "–" if not np.isfinite(r.rows_above) else int(r.rows_above),
+                     "config": r.config, "seeds": int(r.n_runs), "verdict": r.verdict,
+                     "KL (nats)": mean_ci(r, "test/kl"), "active units": mean_ci(r, "test/active_units"),
+                     "I(x;z) (nats)": mean_ci(r, "test/mutual_info"), "z-usage gap (nats)": mean_ci(r, "test/z_usage_gap")})
+    return Table(pd.DataFrame(rows), "Decoder power per config, by remedy, then by the rows above a pixel the decoder "
+                                     "sees (feed-forward decoders, which see none, first): test KL rate, active units, "
+                                     "I(x; z) and z-usage gap, means over seeds [95% t-interval].")
+
+
+def decoder_power(a: Analysis, figs: dict) -> Section | None:
+    """Shown only for a study with an autoregressive decoder in some trial."""
+    if not a.autoregressive:
+        return None
+    blocks: list = [Text(
+        "An autoregressive decoder predicts each pixel from the pixels before it as well as from z. The more rows "
+        "above a pixel it sees (its receptive field: depth × (kernel size // 2) for the PixelCNN's masked stack), "
+        "the more of the image it can model on its own, and the less the ELBO rewards putting information into z, "
+        "so KL, active units and I(x; z) are expected to fall (Bowman et al. 2016; Chen et al. 2017); below, the "
+        "runs say whether they do, and what each remedy the study ran (free bits, Kingma et al. 2016; KL "
+        "annealing, Bowman et al. 2016) gives back. Feed-forward decoders see no pixel of the image (0 rows).")]
+    if a.power is None or a.power.empty:
+        blocks.append(Text("No config has a finished run yet."))
+    else:
+        blocks.append(_power_table(a))
+    blocks.append(_figure(figs, "decoder_power", "KL, active units and I(x; z) against the decoder's receptive field"))
+    blocks += [Text(t) for t in power_findings(a.finished)]
+    return Section("Decoder power", blocks)
+
+
 def sharpness(a: Analysis, figs: dict) -> Section:
-    return Section("Sharpness", [
+    blocks: list = [
         Text("Blur is measured on reconstructions and on prior samples, each relative to the real test images, so "
              "1.0 means as sharp as the data (DESIGN.md §4; Pech-Pacheco et al. 2000, Krotkov 1987)."),
-        _figure(figs, "sharpness", "Sharpness ratios"),
-        _figure(figs, "images", "Data, reconstructions and samples"),
-    ])
+    ]
+    if a.autoregressive:
+        blocks.append(Text(f"**Pixel by pixel.** {F.PIXEL_BY_PIXEL}"))
+    blocks += [_figure(figs, "sharpness", "Sharpness ratios"), _figure(figs, "images", "Data, reconstructions and samples")]
+    return Section("Sharpness", blocks)
 
 
 def _baseline_table(a: Analysis) -> Table | None:
@@ -229,7 +365,6 @@ def document(a: Analysis, figs: dict, storage_desc: str, tracking_desc: str) -> 
     n_done = int((a.data.trials.state == "complete").sum()) if len(a.data.trials) else 0
     subtitle = (f"Ablation report of study `{spec.name}`: {len(a.summary)} configs with finished runs, "
                 f"{n_done}/{len(a.data.trials)} trials complete.")
-    return Document(f"Study report: {spec.name}", subtitle, [
-        overview(a, figs), collapse(a, figs), sharpness(a, figs), tradeoffs(a, figs),
-        about(a, storage_desc, tracking_desc),
-    ])
+    sections = [overview(a, figs), collapse(a, figs), decoder_power(a, figs), sharpness(a, figs), tradeoffs(a, figs),
+                about(a, storage_desc, tracking_desc)]
+    return Document(f"Study report: {spec.name}", subtitle, [s for s in sections if s is not None])

@@ -155,8 +155,8 @@ class VAE(nn.Module):
         return self.likelihood.mean(self._decode(z), self.likelihood_opts).clamp(0, 1)
 
     @torch.no_grad()
-    def sample_pixels(self, z: torch.Tensor, generator: torch.Generator | None = None,
-                      window: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_pixels(self, z: torch.Tensor, generator: torch.Generator | None = None, window: bool = True,
+                      cpu_threads: int | None = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """x ~ p(x|z) from an autoregressive decoder, one pixel and colour at a time in raster order, and
         log p(x|z) summed from the conditionals each value was drawn from: (N, *image_shape), (N,).
 
@@ -164,7 +164,21 @@ class VAE(nn.Module):
         decoder's rows_above), so with `window` each step runs the decoder on that window instead of the
         whole image: the same conditionals (the decoder is fully convolutional and causal) at a fraction
         of the cost. `window=False` is the plain whole-image loop, kept as its reference.
+
+        On a CPU the loop runs on `cpu_threads` threads (None: torch's setting): its thousands of small
+        decoder calls gain little from a second thread and stall for seconds each when another process
+        is busy (`make bench` measures both).
         """
+        if z.device.type != "cpu" or cpu_threads is None:
+            return self._sample_pixels(z, generator, window)
+        saved = torch.get_num_threads()
+        torch.set_num_threads(cpu_threads)
+        try:
+            return self._sample_pixels(z, generator, window)
+        finally:
+            torch.set_num_threads(saved)
+
+    def _sample_pixels(self, z, generator, window):
         lik, opts = self.likelihood, self.likelihood_opts
         if lik.sample is None or lik.pixel_log_prob is None:
             raise ValueError("this likelihood cannot be sampled pixel by pixel")
