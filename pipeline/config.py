@@ -30,7 +30,9 @@ class ConfigError(PipelineError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # inf and nan are refused everywhere: `objective.beta: .inf` would train a run whose every number is
+    # meaningless (and YAML reads `.inf`/`.nan` as floats without complaint).
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 def _one_of(value: str, allowed, key: str) -> str:
@@ -340,6 +342,9 @@ def _format_error(err: ValidationError) -> str:
             lines.append(
                 f"unknown key {key!r}; allowed keys in {where}: {', '.join(_allowed_keys(section))}"
             )
+        elif e["type"] == "finite_number":
+            hint = " (null turns clipping off)" if key == "train.grad_clip" else ""
+            lines.append(f"{key}={e.get('input')!r} is not a finite number; give a finite value{hint}")
         elif e["type"] == "literal_error":
             allowed = e.get("ctx", {}).get("expected", "")
             lines.append(f"{key}={e.get('input')!r} is not one of: {allowed}")

@@ -43,7 +43,7 @@ OBJECTIVE_METRICS = (
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Range(_Strict):
@@ -109,6 +109,10 @@ class StudySpec(_Strict):
         for key, levels in self.space.items():
             if isinstance(levels, list) and not levels:
                 raise ValueError(f"space.{key}: give at least one level")
+            repeats = _repeated(levels) if isinstance(levels, list) else []
+            if repeats:
+                raise ValueError(f"space.{key}: {levels} lists {', '.join(map(repr, repeats))} more than once (1 and 1.0 "
+                                 "are one level, and would train the same config twice); list each level once")
             if fixed and isinstance(levels, Range):
                 raise ValueError(f"space.{key}: sampler {self.sampler} needs a list of levels, not a range")
         if fixed and self.n_trials is not None:
@@ -166,6 +170,16 @@ class TrialSpec:
     @property
     def config_hash(self) -> str:
         return self.config().result_hash()
+
+
+def _repeated(levels: list) -> list:
+    """Levels listed more than once (by ==, so 1 and 1.0 are the same level), each named once, as first written."""
+    out: list = []
+    for i, v in enumerate(levels):
+        earlier = [w for w in levels[:i] if w == v]
+        if earlier and not any(v == r for r in out):
+            out.append(earlier[0])  # as first written
+    return out
 
 
 def _as_list(levels: Any) -> list:

@@ -180,3 +180,13 @@ def test_cli_reports_a_bad_key_before_anything_runs(bare_home):
     assert "objective.bta" in proc.stderr and "beta" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (bare_home / "mlflow.db").exists() and not (bare_home / "runs").exists()
+
+
+@pytest.mark.parametrize("override", ["objective.beta=.inf", "train.lr=.nan", "likelihood.min_log_sigma=-.inf",
+                                      "train.grad_clip=.inf", "likelihood.scale=1e400"])
+def test_non_finite_values_are_rejected_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides=[override])
+    msg = str(e.value)
+    assert f"{key}=" in msg and "finite" in msg and msg.count("\n") == 1, msg

@@ -204,3 +204,20 @@ def test_full_factorial_keeps_the_trials_it_had_before_the_prior_factor():
         assert a.point == {"prior.name": "standard_normal", **b.point}
     assert not any(t.point["prior.name"] != "standard_normal" and t.point["objective.free_bits"] == "per_dim"
                    for t in after)
+
+
+@pytest.mark.parametrize("levels, repeated", [([1, 2, 1], "1"), ([1, 1.0], "1"), (["mlp", "conv", "mlp"], "'mlp'"),
+                                              ([None, 100, None], "None")])
+def test_repeated_levels_are_rejected_naming_them(levels, repeated):
+    key = "model.arch" if isinstance(levels[0], str) else "train.grad_clip" if levels[0] is None else "objective.beta"
+    with pytest.raises(ConfigError) as e:
+        parse_study(_with(space={key: levels}))
+    msg = str(e.value)
+    assert f"space.{key}" in msg and f"lists {repeated} more than once" in msg, msg
+
+
+def test_a_non_finite_level_or_range_is_rejected():
+    with pytest.raises(ConfigError, match="objective.beta"):
+        parse_study(_with(space={"objective.beta": [1, float("inf")]}))
+    with pytest.raises(ConfigError, match="finite"):
+        parse_study(_with(sampler="tpe", n_trials=3, space={"objective.beta": {"low": 0.1, "high": float("inf")}}))
