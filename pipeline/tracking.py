@@ -120,7 +120,7 @@ def _die_with_parent() -> None:
         pass  # elsewhere the parent-pid check in the loop does the job within a second
 
 
-def _writer_main(uri: str, blocks, errors, done, parent_pid: int) -> None:
+def _writer_main(uri: str, blocks, errors, n_errors, done, parent_pid: int) -> None:
     """The writer process: (run_id, [(key, value, ms, step), …]) blocks → log_batch calls.
 
     At the lowest CPU priority: MLflow's SQL store spends ~0.2 ms of CPU per point, which this
@@ -152,6 +152,10 @@ def _writer_main(uri: str, blocks, errors, done, parent_pid: int) -> None:
         except Exception as e:  # reported to the trainer, which stops and can resume later
             failed_runs.add(run_id)
             errors.put((run_id, f"{type(e).__name__}: {e}"))
+            # Counted before `done`: once a flush has seen a block done, the trainer knows how many error
+            # reports are on their way (a queue's put returns before the item can be read).
+            with n_errors.get_lock():
+                n_errors.value += 1
         finally:
             with done.get_lock():
                 done.value += 1
@@ -169,12 +173,14 @@ class _MetricWriter:
         self.uri = uri
         self.blocks = ctx.Queue(maxsize=10_000)  # bounded: a trainer far ahead of the store waits
         self.errors = ctx.Queue()
+        self.n_errors = ctx.Value("q", 0)  # error reports put so far; self.received of them read
+        self.received = 0
         self.done = ctx.Value("q", 0)
         self.sent = 0
         self.failed: dict[str, str] = {}
         self.proc = ctx.Process(
             target=_writer_main,
-            args=(uri, self.blocks, self.errors, self.done, os.getpid()),
+            args=(uri, self.blocks, self.errors, self.n_errors, self.done, os.getpid()),
             name="mlflow-metric-writer",
             daemon=True,
         )
@@ -185,11 +191,12 @@ class _MetricWriter:
         self.sent += 1
 
     def error_for(self, run_id: str) -> str | None:
-        while True:
-            try:
-                rid, msg = self.errors.get_nowait()
+        while self.received < self.n_errors.value:
+            try:  # counted, so in transit: wait for it (a dead writer's last report may never come)
+                rid, msg = self.errors.get(timeout=5.0 if self.proc.is_alive() else 0.5)
             except queue.Empty:
                 break
+            self.received += 1
             self.failed.setdefault(rid, msg)
         return self.failed.get(run_id)
 
