@@ -54,14 +54,21 @@ def _sum_pixels(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).sum(1)
 
 
+def _summed(pixel_log_prob: Callable) -> Callable[[torch.Tensor, torch.Tensor, LikelihoodOptions], LogProb]:
+    """The per-example log p(x|z) of a likelihood given per value: the sum over pixels and channels."""
+    def log_prob(params, x, opts) -> LogProb:
+        return LogProb(_sum_pixels(pixel_log_prob(params, x, opts)))
+
+    return log_prob
+
+
 # --- Bernoulli -----------------------------------------------------------------------------------
 def bernoulli_pixel_log_prob(params, x, opts) -> torch.Tensor:
     # x log σ(l) + (1−x) log σ(−l); for x ∈ (0, 1) this is the cross-entropy used on intensities.
     return -F.binary_cross_entropy_with_logits(params[:, 0], x, reduction="none")
 
 
-def bernoulli_log_prob(params, x, opts) -> LogProb:
-    return LogProb(_sum_pixels(bernoulli_pixel_log_prob(params, x, opts)))
+bernoulli_log_prob = _summed(bernoulli_pixel_log_prob)
 
 
 def bernoulli_mean(params, opts):
@@ -85,8 +92,7 @@ def categorical_pixel_log_prob(params, x, opts) -> torch.Tensor:
     return log_p.gather(1, _level_index(x).unsqueeze(1)).squeeze(1)
 
 
-def categorical_log_prob(params, x, opts) -> LogProb:
-    return LogProb(_sum_pixels(categorical_pixel_log_prob(params, x, opts)))
+categorical_log_prob = _summed(categorical_pixel_log_prob)
 
 
 def categorical_mean(params, opts):
@@ -194,8 +200,7 @@ def discretized_logistic_pixel_log_prob(params, x, opts) -> torch.Tensor:
     return torch.where(xc < -0.999, log_lowest, torch.where(xc > 0.999, log_highest, log_interior))
 
 
-def discretized_logistic_log_prob(params, x, opts) -> LogProb:
-    return LogProb(_sum_pixels(discretized_logistic_pixel_log_prob(params, x, opts)))
+discretized_logistic_log_prob = _summed(discretized_logistic_pixel_log_prob)
 
 
 def discretized_logistic_sample(params, opts, generator=None):
