@@ -43,10 +43,23 @@ def _add_evaluate(sub) -> None:
     g.add_argument("--checkpoint", help="checkpoint file or run directory")
     p.add_argument("--k", type=int, help="IWAE importance samples (default 1000 on CUDA, 100 on CPU)")
     p.add_argument("--test-subset", type=int, help="evaluate on the first N test images only")
+    p.add_argument("--train-subset", type=_train_subset, default=None, metavar="N|on|off",
+                   help="training images to score under trainset/ (default: the run's eval.train_subset, as many "
+                        "as the test images)")
     p.add_argument("--n-samples", type=int, default=None,
                    help="prior samples for sharpness and Fréchet distance (default 10000; 256 for a PixelCNN on CPU)")
     p.add_argument("--mi-batch", type=int, default=1000, help="batch size of the mutual-information estimate")
     p.add_argument("--device", default="auto")
+
+
+def _train_subset(text: str) -> bool | int:
+    if text in ("on", "true"):
+        return True
+    if text in ("off", "false", "0"):
+        return False
+    if text.isdigit() and int(text) >= 2:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: give a number of images ≥ 2, 'on' (as many as the test images) or 'off'")
 
 
 def _add_plan(sub) -> None:
@@ -165,7 +178,7 @@ def _cmd_evaluate(args) -> int:
     from pipeline.evaluate import evaluate_stage
 
     evaluate_stage(args.checkpoint, args.run, k=args.k, test_subset=args.test_subset, n_samples=args.n_samples,
-                   mi_batch=args.mi_batch, device=args.device)
+                   train_subset=args.train_subset, mi_batch=args.mi_batch, device=args.device)
     return 0
 
 

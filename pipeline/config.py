@@ -15,9 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import augment
 from pipeline.errors import PipelineError
 from pipeline.likelihoods import LIKELIHOODS
 from pipeline.objectives import BETA_SCHEDULES, FREE_BITS_MODES
+from pipeline.optim import INITS, LR_SCHEDULES, OPTIMIZERS
 from pipeline.vae.decoders import DECODERS
 from pipeline.vae.encoders import ENCODERS
 from pipeline.vae.priors import PRIORS
@@ -48,11 +50,23 @@ class DataConfig(_Section):
     binarize: Literal["none", "dynamic", "static"] = "none"
     # Train on the first N training images only (smoke runs, tests); None = all.
     train_subset: int | None = Field(None, ge=1)
+    # Training-batch augmentation (pipeline.augment): none, or any of shift, hflip, intensity, noise,
+    # joined by + or as a list; stored in one canonical order.
+    augment: str = "none"
+    max_shift: int = Field(2, ge=1, le=8)  # shift: pixels in each direction
+    intensity_scale: float = Field(0.2, ge=0, lt=1)  # intensity: a ~ U[1 − s, 1 + s]
+    intensity_offset: float = Field(0.1, ge=0, le=1)  # intensity: b ~ U[−o, o]
+    noise_std: float = Field(0.1, gt=0, le=1)  # noise: σ on intensities in [0, 1]
 
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
         return _one_of(v, DATASETS, "data.dataset")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment(cls, v: Any) -> str:
+        return augment.canonical(v)
 
 
 class ModelConfig(_Section):
@@ -149,6 +163,12 @@ class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
+    optimizer: str = "adam"  # adam | adamw | rmsprop | sgd (pipeline.optim)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd
+    weight_decay: float = Field(0.01, ge=0)  # adamw (decoupled)
+    init: str = "default"  # default | xavier | kaiming: weights of the encoder and decoder
+    lr_schedule: str = "constant"  # constant | warmup | cosine
+    lr_warmup_steps: int = Field(500, ge=0)  # warmup and cosine: linear warm-up over this many steps
     grad_clip: float | None = Field(100.0, gt=0)
     seed: int = 0
     device: str = "auto"
@@ -158,6 +178,21 @@ class TrainConfig(_Section):
     # The same for an autoregressive decoder, whose images are drawn pixel by pixel (one decoder pass per
     # pixel: 16 images of the PixelCNN in studies/autoregressive.yaml take seconds on a CPU, 64 take ×4).
     grid_images_autoregressive: int = Field(16, ge=1, le=256)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: str) -> str:
+        return _one_of(v, OPTIMIZERS, "train.optimizer")
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        return _one_of(v, INITS, "train.init")
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _lr_schedule(cls, v: str) -> str:
+        return _one_of(v, LR_SCHEDULES, "train.lr_schedule")
 
     @field_validator("device")
     @classmethod
@@ -182,6 +217,15 @@ class EvalConfig(_Section):
     # 100 on CUDA, 10 on CPU, since each sample is a decoder pass over the test set).
     iwae_k: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=2)
+    # Also score training images (trainset/…): true = as many as the test set, a number = that many, false = off.
+    train_subset: bool | int = True
+
+    @field_validator("train_subset")
+    @classmethod
+    def _train_subset(cls, v: bool | int) -> bool | int:
+        if not isinstance(v, bool) and v < 2:
+            raise ValueError(f"eval.train_subset={v} must be true, false or a number of images ≥ 2")
+        return v
     batch_size: int = Field(500, ge=1)
     mi_batch: int = Field(1000, ge=2)
     # Prior samples for sample sharpness and the classifier Fréchet distance; None = 10,000 (an
@@ -201,6 +245,13 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        moving = [n for n in augment.parse(self.data.augment) if augment.AUGMENTATIONS[n].changes_values]
+        if moving and self.data.binarize == "static":
+            raise ValueError(
+                f"data.augment={self.data.augment!r}: {' and '.join(moving)} change{'s' if len(moving) == 1 else ''} pixel values, and data.binarize=static "
+                "fixes each pixel's bit when the data is loaded, so the images would stop being binary; use "
+                "data.binarize=dynamic (bits drawn from the augmented intensities) or only shift/hflip"
+            )
         if self.data.binarize != "none" and self.likelihood.name != "bernoulli":
             raise ValueError(
                 f"data.binarize={self.data.binarize!r} only makes sense with likelihood.name='bernoulli' "
@@ -247,9 +298,13 @@ class RunConfig(_Section):
         arch = m.encoder_name if m.decoder_name == m.encoder_name else f"{m.encoder_name}→{m.decoder_name}"
         if DECODERS[m.decoder_name].autoregressive:
             arch += f" k={m.kernel_size}"
+        t = self.train
+        extra = "" if self.data.augment == "none" else f" aug={self.data.augment}"
+        if (t.optimizer, t.init, t.lr_schedule) != ("adam", "default", "constant"):
+            extra += f" {t.optimizer} lr={t.lr:g} init={t.init} {t.lr_schedule}"
         return (
             f"{arch} {self.likelihood.name} β={o.beta:g} {o.schedule}{fb}{prior} "
-            f"dec={m.decoder_depth} z={m.latent_dim} seed={self.train.seed}"
+            f"dec={m.decoder_depth} z={m.latent_dim}{extra} seed={self.train.seed}"
         )
 
     def result_hash(self) -> str:
@@ -269,6 +324,15 @@ class RunConfig(_Section):
         # Options the chosen prior or decoder does not read cannot change the weights.
         read = PRIORS[self.prior.name].options
         d["prior"] = {k: v for k, v in d["prior"].items() if k == "name" or k in read}
+        unread = {f"data.{o}" for entry in augment.AUGMENTATIONS.values() for o in entry.options} \
+            - {f"data.{o}" for o in augment.options_read(self.data.augment)}
+        unread |= {f"train.{o}" for entry in OPTIMIZERS.values() for o in entry.options} \
+            - {f"train.{o}" for o in OPTIMIZERS[self.train.optimizer].options}
+        unread |= {f"train.{o}" for entry in LR_SCHEDULES.values() for o in entry.options} \
+            - {f"train.{o}" for o in LR_SCHEDULES[self.train.lr_schedule].options}
+        for key in unread:
+            section, _, name = key.partition(".")
+            d[section].pop(name)
         m = d["model"]
         decoder = self.model.decoder_name
         for option in {o for entry in DECODERS.values() for o in entry.options} - set(DECODERS[decoder].options):

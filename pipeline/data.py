@@ -301,8 +301,12 @@ def ensure_splits(data_cfg, log=print) -> Splits:
 class DeviceData:
     """A split held on the device as uint8; batches are gathered by index, no DataLoader."""
 
-    def __init__(self, images_u8: torch.Tensor, device: torch.device, binarize: str = "none", static_seed: int = 0):
+    def __init__(self, images_u8: torch.Tensor, device: torch.device, binarize: str = "none", static_seed: int = 0,
+                 augment=None):
         self.binarize = binarize
+        # (x in [0, 1], generator) → x: the training augmentation (pipeline.augment), applied before dynamic
+        # binarization; None for validation and test data.
+        self.augment = augment
         if binarize == "static":
             # One fixed Bernoulli draw per image (Salakhutdinov & Murray 2008 style), seeded by the split.
             probs = images_u8.float() / 255
@@ -310,8 +314,17 @@ class DeviceData:
         self.images = images_u8.to(device)
         self.n = self.images.shape[0]
 
+    def head(self, n: int) -> DeviceData:
+        """The first n images, as stored here (after any static binarization)."""
+        out = DeviceData.__new__(DeviceData)
+        out.binarize, out.augment, out.images = self.binarize, self.augment, self.images[:n]
+        out.n = out.images.shape[0]
+        return out
+
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = self.images[idx].float().div_(255)  # (B, 1, 28, 28) in [0, 1]
+        x = self.images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
+        if self.augment is not None:
+            x = self.augment(x, generator)
         if self.binarize == "dynamic":
             x = torch.bernoulli(x, generator=generator)
         return x

@@ -21,16 +21,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline import metrics as M
+from pipeline.augment import augmenter
 from pipeline.checkpoint import CHECKPOINT, load_run
 from pipeline.config import RunConfig
 from pipeline.data import DeviceData, ensure_splits
 from pipeline.fileio import atomic_write_json
 from pipeline.images import pairs, save_grid
+from pipeline.metric_table import SET_METRICS, SET_PREFIXES
 from pipeline.runtime import resolve_device
 from pipeline.vae import VAE
 
@@ -59,11 +62,79 @@ def _chunk_for(k: int, batch: int, budget: int = 20_000) -> int:
 DECODE_BUDGET = {False: 20_000, True: 2_000}
 
 
+@dataclass
+class SetPass:
+    """One pass over an image set: per-image sums and the posterior parameters of every image."""
+
+    n: int
+    sums: torch.Tensor  # float64: recon_nll, recon_nll_mean_z, kl, iwae log-likelihood, z_gap·n_gap, n_gap
+    mu: torch.Tensor  # (N, D) on the CPU
+    logvar: torch.Tensor
+    recons: list[torch.Tensor]  # reconstructions from E[z] of the first images, when asked for
+
+
+def _set_pass(model: VAE, data: DeviceData, gen: torch.Generator, *, dequantize: bool, k: int | None, batch_size: int,
+              n_render: int) -> SetPass:
+    """ELBO terms at one z ~ q(z|x), recon at E[z], the z-usage gap, IWAE with k samples (None: skipped)
+    and `n_render` reconstructions, batch by batch, every draw from `gen`."""
+    dev = data.images.device
+    mus, logvars, recons = [], [], []
+    sums = torch.zeros(6, dtype=torch.float64)
+    for start in range(0, data.n, batch_size):
+        x = data.batch(torch.arange(start, min(start + batch_size, data.n), device=dev))
+        if dequantize:
+            x = M.dequantize(x, generator=gen)
+        t = model.terms(x, generator=gen)  # recon NLL at one z ~ q(z|x)
+        kl, _ = model.kl_estimate(t, generator=gen)
+        recon_mean = model.recon_nll(x, t.q.mu)
+        ll = torch.zeros(())
+        if k is not None:
+            chunk = _chunk_for(k, x.shape[0], DECODE_BUDGET[model.autoregressive])
+            ll = M.iwae_log_likelihood(model, x, k=k, chunk=chunk, generator=gen)
+        n = x.shape[0]
+        gap, n_gap = (M.z_usage_gap(lambda codes, x=x: model.recon_nll(x, codes), t.z), n) if n > 1 else (0.0, 0)
+        sums += torch.tensor([t.recon_nll.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n_gap, n_gap],
+                             dtype=torch.float64)
+        mus.append(t.q.mu.cpu())
+        logvars.append(t.q.logvar.cpu())
+        n_recon = max(0, min(n, n_render - start))
+        if n_recon:
+            recons.append(model.render(t.q.mu[:n_recon], generator=gen).cpu())
+    return SetPass(data.n, sums, torch.cat(mus), torch.cat(logvars), recons)
+
+
+def _set_metrics(prefix: str, p: SetPass, mi_batch: int, generator: torch.Generator) -> dict[str, float]:
+    """The metric table's SET_METRICS of one pass, under `prefix/`."""
+    recon_nll, recon_nll_mean_z, kl = (p.sums[:3] / p.n).tolist()
+    n_active, _ = M.active_units(p.mu)
+    b = min(mi_batch, p.n)
+    # Averaged over every full batch of b images: the same estimand, less Monte Carlo noise.
+    mi = sum(M.mutual_information(p.mu[i : i + b], p.logvar[i : i + b], generator=generator)
+             for i in range(0, p.n - b + 1, b)) / (p.n // b)
+    out = {
+        "elbo": -(recon_nll + kl),
+        "recon_nll": recon_nll,
+        "recon_nll_mean_z": recon_nll_mean_z,
+        "kl": kl,
+        "active_units": n_active,
+        "active_fraction": n_active / p.mu.shape[1],
+        "mutual_info": mi,
+        "z_usage_gap": float(p.sums[4] / p.sums[5]),
+    }
+    assert set(out) == set(SET_METRICS), "pipeline.metric_table.SET_METRICS and this pass disagree"
+    return {f"{prefix}/{key}": value for key, value in out.items()}
+
+
 @torch.no_grad()
 def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torch.Tensor, *, k: int, batch_size: int,
                    mi_batch: int, n_samples: int, seed: int, out_dir: Path | None = None, classifier=None,
-                   test_labels: torch.Tensor | None = None) -> dict:
-    """All test diagnostics of one model, as {"test/…": float} plus the KL vector and artifacts."""
+                   test_labels: torch.Tensor | None = None, other_sets: dict[str, DeviceData] | None = None) -> dict:
+    """All test diagnostics of one model, as {"test/…": float} plus the KL vector and artifacts.
+
+    `other_sets` ({"trainset": …, "test_aug": …}) are scored after the test set, under their own prefixes
+    (the metric table's SET_METRICS only), each with generators seeded as the test set's: common random
+    numbers, so a gap between two sets is not inflated by independent Monte Carlo noise (and the same
+    images give the same numbers when they fit one batch)."""
     model.eval()
     dev = test.images.device
     lik, prior = model.likelihood, model.prior
@@ -77,38 +148,18 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         bpd = None
     cpu_gen = torch.Generator().manual_seed(seed)
 
-    mus, logvars, recons = [], [], []
-    sums = torch.zeros(6, dtype=torch.float64)  # recon_nll, recon_nll_mean_z, kl, iwae_ll, z_gap·n, n_gap
     t0 = time.perf_counter()
-    for start in range(0, test.n, batch_size):
-        x = test.batch(torch.arange(start, min(start + batch_size, test.n), device=dev))
-        if dequantize:
-            x = M.dequantize(x, generator=gen)
-        t = model.terms(x, generator=gen)  # recon NLL at one z ~ q(z|x)
-        kl, _ = model.kl_estimate(t, generator=gen)
-        recon_mean = model.recon_nll(x, t.q.mu)
-        chunk = _chunk_for(k, x.shape[0], DECODE_BUDGET[model.autoregressive])
-        ll = M.iwae_log_likelihood(model, x, k=k, chunk=chunk, generator=gen)
-        n = x.shape[0]
-        gap, n_gap = (M.z_usage_gap(lambda codes, x=x: model.recon_nll(x, codes), t.z), n) if n > 1 else (0.0, 0)
-        sums += torch.tensor([t.recon_nll.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n_gap, n_gap],
-                             dtype=torch.float64)
-        mus.append(t.q.mu.cpu())
-        logvars.append(t.q.logvar.cpu())
-        # Drawn pixel by pixel, reconstructions of an autoregressive decoder stop at n_samples images.
-        n_recon = max(0, min(n, (n_samples if model.autoregressive else test.n) - start))
-        if n_recon:
-            recons.append(model.render(t.q.mu[:n_recon], generator=gen).cpu())
+    # Drawn pixel by pixel, reconstructions of an autoregressive decoder stop at n_samples images.
+    p = _set_pass(model, test, gen, dequantize=dequantize, k=k, batch_size=batch_size,
+                  n_render=n_samples if model.autoregressive else test.n)
     n_test = test.n
-    recon_nll, recon_nll_mean_z, kl, ll = (sums[:4] / n_test).tolist()
-    mu_all, logvar_all, recon_all = torch.cat(mus), torch.cat(logvars), torch.cat(recons)
+    ll = float(p.sums[3] / n_test)
+    mu_all, logvar_all, recon_all = p.mu, p.logvar, torch.cat(p.recons)
+    test_set = _set_metrics("test", p, mi_batch, cpu_gen)
+    b = min(mi_batch, n_test)
 
     kl_stats = M.kl_dimension_stats(mu_all, logvar_all) if prior.factorized else None
-    n_active, activity = M.active_units(mu_all)
-    b = min(mi_batch, n_test)
-    # Averaged over every full batch of b test images: the same estimand, less Monte Carlo noise.
-    mi = sum(M.mutual_information(mu_all[i : i + b], logvar_all[i : i + b], generator=cpu_gen)
-             for i in range(0, n_test - b + 1, b)) / (n_test // b)
+    _, activity = M.active_units(mu_all)
 
     samples_all = torch.cat([model.sample(min(batch_size, n_samples - start), generator=gen).cpu()
                              for start in range(0, n_samples, batch_size)])
@@ -117,10 +168,7 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
     sharp_samples = M.sharpness(samples_all, reference)
 
     out = {
-        "test/elbo": -(recon_nll + kl),
-        "test/recon_nll": recon_nll,
-        "test/recon_nll_mean_z": recon_nll_mean_z,
-        "test/kl": kl,
+        **{key: test_set[key] for key in ("test/elbo", "test/recon_nll", "test/recon_nll_mean_z", "test/kl")},
         "test/iwae_nll": -ll,
         "test/bits_per_dim": bpd if bpd is not None else M.bits_per_dim(-ll, model.data_dims,
                                                                          None if lik.discrete else 256),
@@ -128,11 +176,9 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
     if kl_stats is not None:
         out["test/kl_dim_max"] = kl_stats["kl_dim_max"]
         out["test/collapsed_dims"] = kl_stats["collapsed_dims"]
-    out.update({
-        "test/active_units": n_active,
-        "test/mutual_info": mi,
-        "test/z_usage_gap": float(sums[4] / sums[5]),
-    })
+        out["test/kl_active_fraction"] = 1 - kl_stats["collapsed_dims"] / model.latent_dim
+    out.update({key: test_set[key] for key in ("test/active_units", "test/active_fraction", "test/mutual_info",
+                                                 "test/z_usage_gap")})
     for name, value in sharp_recon.items():
         out[f"test/sharpness/recon_{name}"] = value
     for name, value in sharp_samples.items():
@@ -149,6 +195,12 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         if test_labels is not None:
             labels = test_labels[: recon_all.shape[0]].cpu()
             out["test/recon_class_acc"] = float((recon_pred.cpu() == labels).float().mean())
+    set_sizes = {}
+    for prefix, data in (other_sets or {}).items():
+        set_gen = torch.Generator(device=dev).manual_seed(seed)
+        set_pass = _set_pass(model, data, set_gen, dequantize=dequantize, k=None, batch_size=batch_size, n_render=0)
+        out.update(_set_metrics(prefix, set_pass, mi_batch, torch.Generator().manual_seed(seed)))
+        set_sizes[prefix] = data.n
     out["test/eval_seconds"] = time.perf_counter() - t0
 
     result = {
@@ -158,7 +210,8 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         # The settings this evaluation used; logged as test/ metrics so a re-evaluation replaces them.
         "params": {"iwae_k": k, "mi_batch": b, "n_samples": n_samples, "hf_cutoff": 0.25, "test_images": n_test,
                    "recon_images": recon_all.shape[0], "dequantized": int(dequantize),
-                   "pixel_by_pixel": int(model.autoregressive)},
+                   "pixel_by_pixel": int(model.autoregressive), "trainset_images": set_sizes.get("trainset", 0),
+                   "augmented": int("test_aug" in set_sizes)},
     }
     if out_dir is not None:
         per_dim = kl_stats["kl_per_dim"] if kl_stats is not None else activity
@@ -229,8 +282,12 @@ def _per_dim_bar_chart(values: torch.Tensor, threshold: float, name: str, ylabel
 
 def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = None, *, k: int | None = None,
                    batch_size: int = 500, mi_batch: int = 1000, n_samples: int | None = None, test_subset: int | None = None,
-                   device: str = "auto", log=print, sink=None, splits=None) -> dict:
-    """Evaluate a checkpoint (or the checkpoint of an MLflow run) and record the results."""
+                   train_subset: bool | int | None = None, device: str = "auto", log=print, sink=None,
+                   splits=None) -> dict:
+    """Evaluate a checkpoint (or the checkpoint of an MLflow run) and record the results.
+
+    `train_subset`: training images to score too (True: as many as the test set; False: none; None: the
+    run's eval.train_subset)."""
     if checkpoint is None:
         if run_id is None:
             raise ValueError("give a checkpoint path or an MLflow run id")
@@ -254,15 +311,16 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     test = DeviceData(test_x, dev, "static" if cfg.data.binarize != "none" else "none", static_seed=cfg.data.split_seed + 2)
     k = k or default_iwae_k(dev, model.autoregressive)
     n_samples = n_samples or default_n_samples(dev, model.autoregressive)
+    other_sets = other_image_sets(cfg, splits, test_x, dev, cfg.eval.train_subset if train_subset is None else train_subset)
     from pipeline.classifier import ensure_classifier
 
     classifier, classifier_info = ensure_classifier(cfg.data, splits, dev, log=log)
     drawn = " (drawn pixel by pixel)" if model.autoregressive else ""
-    log(f"[evaluate] {checkpoint}: {test.n} test images, IWAE k={k}, {n_samples} samples{drawn} on {dev}")
+    also = "".join(f", {d.n} {SET_PREFIXES[name]} images" for name, d in other_sets.items())
+    log(f"[evaluate] {checkpoint}: {test.n} test images{also}, IWAE k={k}, {n_samples} samples{drawn} on {dev}")
     result = evaluate_model(model, cfg, test, test_x.float() / 255, k=k, batch_size=batch_size, mi_batch=mi_batch,
                             n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval",
-                            classifier=classifier,
-                            test_labels=splits.test_y[: test.n])
+                            classifier=classifier, test_labels=splits.test_y[: test.n], other_sets=other_sets)
     result["params"]["classifier_test_accuracy"] = classifier_info["test_accuracy"]
     m = result["metrics"]
     atomic_write_json({"checkpoint": str(checkpoint), "epoch": ck["epoch"], "step": ck["step"], **result,
@@ -273,8 +331,40 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
         f"z_gap {m['test/z_usage_gap']:.2f}  FD {m['test/fd_classifier']:.2f}  recon acc {m['test/recon_class_acc']:.1%}  "
         f"sample sharpness (laplacian) {m['test/sharpness/samples_laplacian_ratio']:.2f}× data"
     )
+    for name in other_sets:
+        log(f"[evaluate] {SET_PREFIXES[name]}: elbo {m[f'{name}/elbo']:.2f}  recon_nll {m[f'{name}/recon_nll']:.2f}  "
+            f"at E[z] {m[f'{name}/recon_nll_mean_z']:.2f}  kl {m[f'{name}/kl']:.2f}")
     _record(result, ck, cfg, sink, checkpoint, log)
     return result
+
+
+def other_image_sets(cfg: RunConfig, splits, test_x: torch.Tensor, dev: torch.device,
+                     train_subset: bool | int) -> dict[str, DeviceData]:
+    """The image sets scored besides the test set (see pipeline.metric_table):
+
+    trainset  the first `train_subset` images the run trained on (True: as many as the test set), as training
+              saw them: statically binarized with the training draw, a fixed draw for dynamic binarization
+              (its training bits change every epoch), never augmented;
+    test_aug  for an augmented run, the test images through the run's augmentation, one fixed draw
+              (seeded by the split), then binarized like the test set."""
+    out = {}
+    if train_subset is not False:
+        n = test_x.shape[0] if train_subset is True else int(train_subset)
+        train_x = splits.train_x[: cfg.data.train_subset] if cfg.data.train_subset else splits.train_x
+        if cfg.data.binarize == "static":
+            # The training draw is made over the whole training tensor: draw it the same way, then cut.
+            out["trainset"] = DeviceData(train_x, dev, "static", static_seed=cfg.data.split_seed).head(n)
+        else:
+            out["trainset"] = DeviceData(train_x[:n], dev, "static" if cfg.data.binarize == "dynamic" else "none",
+                                         static_seed=cfg.data.split_seed + 3)
+    augment = augmenter(cfg.data)
+    if augment is not None:
+        gen = torch.Generator().manual_seed(cfg.data.split_seed + 4)
+        augmented = torch.cat([augment(chunk.float() / 255, gen).mul_(255).round_().to(torch.uint8)
+                               for chunk in test_x.split(1000)])
+        out["test_aug"] = DeviceData(augmented, dev, "static" if cfg.data.binarize != "none" else "none",
+                                     static_seed=cfg.data.split_seed + 2)
+    return out
 
 
 def _record(result: dict, ck: dict, cfg: RunConfig, sink, checkpoint: Path, log=print) -> None:

@@ -34,6 +34,17 @@ ADDED_KEY_VALUES = {
     "model.decoder": ("pixelcnn", ["data.binarize=static"]),
     "model.kernel_size": (3, ["model.decoder=pixelcnn", "data.binarize=static"]),
     "train.grid_images_autoregressive": None,  # images drawn after each epoch with their own generator
+    "data.augment": ("noise", []),
+    "data.max_shift": (3, ["data.augment=shift"]),
+    "data.intensity_scale": (0.3, ["data.augment=intensity"]),
+    "data.intensity_offset": (0.2, ["data.augment=intensity"]),
+    "data.noise_std": (0.2, ["data.augment=noise"]),
+    "train.optimizer": ("sgd", []),
+    "train.momentum": (0.5, ["train.optimizer=sgd"]),
+    "train.weight_decay": (0.1, ["train.optimizer=adamw"]),
+    "train.init": ("xavier", []),
+    "train.lr_schedule": ("cosine", []),
+    "train.lr_warmup_steps": (7, ["train.lr_schedule=warmup"]),
 }
 
 

@@ -50,6 +50,15 @@ def test_training_ends_with_an_evaluation_in_the_same_run(trained):
     run = get_run(trained.run_id)
     assert run.info.status == "FINISHED"
     assert EXPECTED_KEYS <= set(run.data.metrics)
+    # Every key evaluation records is a row of the metric table (a key written anywhere else is drift), and
+    # the table's test/ rows are all recorded here (a factorized prior, labels, a clean run: no test_aug/).
+    from pipeline.metric_table import METRICS
+
+    recorded = {k for k in run.data.metrics if not k.startswith(("train/", "val/"))}
+    assert recorded <= set(METRICS), recorded - set(METRICS)
+    expected = {k for k in METRICS if k.startswith(("test/", "trainset/"))} - {"test/bits_per_dim"}  # NaN: grey levels
+    assert expected <= recorded, expected - recorded
+    assert run.data.metrics["test/trainset_images"] == 400 and run.data.metrics["test/augmented"] == 0
     assert run.data.params["eval.iwae_k"] == "8"
     run_dir = Path(trained.run_dir)
     saved = json.loads((run_dir / METRICS_FILE).read_text())

@@ -59,7 +59,8 @@ def test_a_receptive_field_study_reports_decoder_power_and_pixel_by_pixel_images
     md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
 
     # The section sits right after Collapse, with its figure.
-    assert re.findall(r"^## (.+)$", md, re.M) == ["Overview", "Collapse", "Decoder power", "Sharpness", "Trade-offs",
+    assert re.findall(r"^## (.+)$", md, re.M) == ["Overview", "Collapse", "Decoder power",
+                                                   "Inference and capacity", "Sharpness", "Trade-offs",
                                                    "About this report"]
     assert ">Decoder power</h2>" in html and 'id="fig-decoder_power"' in html
     assert (out / "figures" / "decoder_power.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

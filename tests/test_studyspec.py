@@ -26,7 +26,8 @@ def _with(**changes):
 def test_the_issue_s_studies_are_shipped():
     names = {p.stem for p in SHIPPED}
     assert {"demo", "beta", "annealing", "free_bits", "decoder_depth", "likelihood", "prior", "full_factorial",
-            "search_tpe", "pareto", "autoregressive", "autoregressive_gpu"} <= names
+            "search_tpe", "pareto", "autoregressive", "autoregressive_gpu", "augmentation", "latent_capacity",
+            "optimization"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)

@@ -32,11 +32,13 @@ def reports_dir() -> Path:
 
 def _figures():
     from pipeline.report import figures as F
+    from pipeline.report import inference
     from pipeline.report.importance import param_importances
 
     return [
         ("kl_per_dimension", F.kl_heatmap), ("collapse_by_factor", F.collapse_by_factor),
-        ("training_curves", F.training_curves), ("decoder_power", F.decoder_power), ("sharpness", F.sharpness),
+        ("training_curves", F.training_curves), ("decoder_power", F.decoder_power),
+        ("inference_gaps", inference.inference_gaps), ("capacity", inference.capacity), ("sharpness", F.sharpness),
         ("images", F.image_panel),
         ("rate_distortion", F.rate_distortion), ("main_effects", F.main_effects), ("interaction", F.interaction),
         ("importances", lambda a, out: F.importances(a, out, param_importances)), ("pareto", F.pareto),

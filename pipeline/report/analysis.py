@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
+from pipeline.metric_table import with_derived
 from pipeline.report.collect import REMEDY_KINDS, Factor, StudyData, baseline_point, config_label
 from pipeline.report.stats import config_summary, pareto_ranks, result_metric_names, t_interval
 from pipeline.report.verdict import collapse_onset, verdict_of
@@ -167,6 +168,7 @@ def analyze(data: StudyData, interaction: tuple[str, str] | None = None) -> Anal
         # A search may draw the same categorical point twice: its (point, seed) runs are replicates of
         # one training, not extra seeds, and counting both would shrink the interval. Keep the latest.
         finished = finished.drop_duplicates(["point", "seed"], keep="last")
+    finished = with_derived(finished)  # the inference gaps of each run
     finished["verdict"] = [verdict_of(r) for _, r in finished.iterrows()] if len(finished) else []
     metrics = result_metric_names(finished) if len(finished) else []
     objectives = [(o.metric, o.direction) for o in spec.objectives]

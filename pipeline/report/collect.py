@@ -21,12 +21,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import RunConfig
+from pipeline.metric_table import is_eval_key
 from pipeline.studyspec import Range, StudySpec, design_points, expand_trials, point_key
 from pipeline.vae.decoders import DECODERS
 
-# Test metrics that record how an evaluation was run (k, batch sizes, classifier accuracy), not a result.
-EVAL_SETTINGS = ("test/iwae_k", "test/mi_batch", "test/n_samples", "test/hf_cutoff", "test/test_images",
-                 "test/dequantized", "test/classifier_test_accuracy", "test/recon_images", "test/pixel_by_pixel")
 CURVE_KEYS = ("train/kl", "train/recon_nll")
 CURVE_BINS = 200  # step bins over the longest run: plotting 10⁴ noisy steps per run says no more
 
@@ -52,6 +50,10 @@ FACTOR_NAMES = {
     "train.epochs": ("epochs", "training epochs"),
     "train.lr": ("lr", "learning rate"),
     "train.batch_size": ("batch", "batch size (images)"),
+    "train.optimizer": ("optimizer", "optimizer"),
+    "train.init": ("init", "weight initialization"),
+    "train.lr_schedule": ("lr schedule", "learning-rate schedule"),
+    "data.augment": ("augment", "training augmentation"),
 }
 
 
@@ -245,7 +247,7 @@ def _runs_table(spec: StudySpec, factors: list[Factor], records: list[dict]) -> 
             **decoder_of(params, metrics.get("test/pixel_by_pixel")),
             **remedy_of(params),
             **point,
-            **{k: v for k, v in metrics.items() if k.startswith("test/")},
+            **{k: v for k, v in metrics.items() if is_eval_key(k)},
         })
     cols = ["run_id", "status", "trial", "seed", "point", "failure_reason", "duration_s", "run_dir", "latent_dim",
             "prior", "config", "decoder", "autoregressive", "rows_above", "decoder_label", "remedy", "remedy_kind",

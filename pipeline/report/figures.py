@@ -21,6 +21,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
+from pipeline import metric_table  # noqa: E402
 from pipeline.metrics import COLLAPSED_KL  # noqa: E402
 from pipeline.report.analysis import POWER_METRICS, Analysis, power_cells, remedy_order  # noqa: E402
 from pipeline.report.collect import CURVE_BINS, DECODER_NAMES, Factor, fmt_level  # noqa: E402
@@ -36,35 +37,7 @@ PIXEL_BY_PIXEL = ("Images of an autoregressive decoder (its reconstructions, pri
                   "pixels look sharp and their sharpness and Fréchet distances are not comparable with those of "
                   "feed-forward decoders, whose images are means.")
 
-METRIC_LABELS = {
-    "test/iwae_nll": "IWAE NLL (nats/image)",
-    "test/bits_per_dim": "bits per dimension (bits)",
-    "test/elbo": "test ELBO (nats/image)",
-    "test/recon_nll": "recon. NLL (nats/image)",
-    "test/recon_nll_mean_z": "recon. NLL at E[z] (nats/image)",
-    "test/kl": "KL rate (nats/image)",
-    "test/active_units": "active units (count)",
-    "test/mutual_info": "I(x; z) (nats)",
-    "test/collapsed_dims": "collapsed dims (count)",
-    "test/kl_dim_max": "largest KL of a dim (nats)",
-    "test/z_usage_gap": "z-usage gap (nats/image)",
-    "test/fd_classifier": "sample Fréchet dist. (classifier feat.)",
-    "test/recon_fd_classifier": "recon. Fréchet dist. (classifier feat.)",
-    "test/recon_class_acc": "class acc. on recon. (fraction)",
-    "test/eval_seconds": "evaluation time (s)",
-}
-
-
-def metric_label(key: str) -> str:
-    if key in METRIC_LABELS:
-        return METRIC_LABELS[key]
-    if key.startswith("test/sharpness/"):
-        name = key.removeprefix("test/sharpness/")
-        what, _, measure = name.partition("_")
-        ratio = measure.endswith("_ratio")
-        measure = dict(SHARPNESS).get(measure.removesuffix("_ratio"), measure)
-        return f"{what} {measure}" + (" (× data)" if ratio else " (a.u.)")
-    return key
+metric_label = metric_table.label
 
 
 @dataclass

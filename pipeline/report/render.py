@@ -43,6 +43,14 @@ class FigureBlock:
     number: int = 0
 
 
+def figure_block(figs: dict, name: str, title: str) -> FigureBlock:
+    """A drawn figure, or the reason it is not there (figs[name] is a Figure or a sentence)."""
+    result = figs.get(name)
+    if isinstance(result, Figure):
+        return FigureBlock(result, title=title)
+    return FigureBlock(None, missing=result or "Not drawn.", title=title)
+
+
 @dataclass
 class Section:
     title: str

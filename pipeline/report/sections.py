@@ -9,21 +9,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.report import figures as F
+from pipeline.report import inference
 from pipeline.report.analysis import Analysis, power_cells, remedy_order
 from pipeline.report.collect import DECODER_NAMES, STATES, fmt_level
-from pipeline.report.render import Bullets, Document, FigureBlock, Section, Table, Text
-from pipeline.report.stats import INTERVAL_NOTE, welch_difference
+from pipeline.report.render import Bullets, Document, FigureBlock, Section, Table, Text, figure_block
+from pipeline.report.stats import INTERVAL_NOTE, mean_ci, welch_difference
 from pipeline.report.verdict import ONSET_RULE, RULE, measures_of, prior_factorizes
-
-
-def mean_ci(row: pd.Series, metric: str) -> str:
-    mean = row.get(f"{metric}.mean", math.nan)
-    if mean is None or not np.isfinite(mean):
-        return "–"
-    lo, hi = row.get(f"{metric}.ci95_low", math.nan), row.get(f"{metric}.ci95_high", math.nan)
-    if not np.isfinite(lo):
-        return f"{mean:.4g}"
-    return f"{mean:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
 def _duration(seconds: float) -> str:
@@ -143,10 +134,7 @@ def _verdict_table(a: Analysis) -> Table:
 
 
 def _figure(figs: dict, name: str, title: str) -> FigureBlock:
-    result = figs.get(name)
-    if isinstance(result, F.Figure):
-        return FigureBlock(result, title=title)
-    return FigureBlock(None, missing=result or "Not drawn.", title=title)
+    return figure_block(figs, name, title)
 
 
 def collapse(a: Analysis, figs: dict) -> Section:
@@ -365,6 +353,6 @@ def document(a: Analysis, figs: dict, storage_desc: str, tracking_desc: str) -> 
     n_done = int((a.data.trials.state == "complete").sum()) if len(a.data.trials) else 0
     subtitle = (f"Ablation report of study `{spec.name}`: {len(a.summary)} configs with finished runs, "
                 f"{n_done}/{len(a.data.trials)} trials complete.")
-    sections = [overview(a, figs), collapse(a, figs), decoder_power(a, figs), sharpness(a, figs), tradeoffs(a, figs),
-                about(a, storage_desc, tracking_desc)]
+    sections = [overview(a, figs), collapse(a, figs), decoder_power(a, figs), inference.section(a, figs),
+                sharpness(a, figs), tradeoffs(a, figs), about(a, storage_desc, tracking_desc)]
     return Document(f"Study report: {spec.name}", subtitle, [s for s in sections if s is not None])

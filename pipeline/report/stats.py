@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from pipeline.report.collect import EVAL_SETTINGS
+from pipeline.metric_table import DERIVED, is_eval_key, is_result, ordered
 
 LEVEL = 0.95  # every interval in a report is a 95% interval
 STAT_SUFFIXES = ("mean", "std", "ci95_low", "ci95_high", "n")
@@ -74,12 +74,21 @@ def config_summary(runs: pd.DataFrame, factor_keys: list[str], metrics: list[str
 
 
 def result_metric_names(runs: pd.DataFrame) -> list[str]:
-    """The test metrics present in the runs, in a reading order: likelihood, collapse, sharpness, rest."""
-    present = [c for c in runs.columns if c.startswith("test/") and c not in EVAL_SETTINGS]
-    order = ["test/iwae_nll", "test/bits_per_dim", "test/elbo", "test/recon_nll", "test/recon_nll_mean_z", "test/kl",
-             "test/active_units", "test/mutual_info", "test/collapsed_dims", "test/kl_dim_max", "test/z_usage_gap"]
-    head = [m for m in order if m in present]
-    return head + sorted(m for m in present if m not in head)
+    """The evaluation's results present in the runs (not its settings or timing), in the metric table's
+    reading order: likelihood, collapse, sharpness, the other image sets."""
+    derived = {m.key for m in DERIVED}
+    return ordered(c for c in runs.columns if (is_eval_key(c) and is_result(c)) or c in derived)
+
+
+def mean_ci(row: pd.Series, metric: str) -> str:
+    """`mean [low, high]` of a summary row's metric; the mean alone without an interval, – without a value."""
+    mean = row.get(f"{metric}.mean", math.nan)
+    if mean is None or not np.isfinite(mean):
+        return "–"
+    lo, hi = row.get(f"{metric}.ci95_low", math.nan), row.get(f"{metric}.ci95_high", math.nan)
+    if not np.isfinite(lo):
+        return f"{mean:.4g}"
+    return f"{mean:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
 def pareto_mask(values: np.ndarray, directions: list[str]) -> np.ndarray:
