@@ -51,7 +51,7 @@ def hflip(x: torch.Tensor, cfg, generator: torch.Generator | None) -> torch.Tens
 
 
 def intensity(x: torch.Tensor, cfg, generator: torch.Generator | None) -> torch.Tensor:
-    u = torch.rand(2, x.shape[0], 1, 1, 1, generator=generator, device=x.device) * 2 - 1  # U[−1, 1]
+    u = torch.rand(2, x.shape[0], 1, 1, 1, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1  # U[−1, 1]
     scale = 1 + cfg.intensity_scale * u[0]
     offset = cfg.intensity_offset * u[1]
     return (x * scale + offset).clamp_(0, 1)
@@ -86,6 +86,8 @@ NONE = "none"
 def parse(value) -> tuple[str, ...]:
     """`none`, a name, `a+b` or a list of names → the names in application order (ValueError on an unknown
     or repeated name, or `none` mixed with others)."""
+    if value is None:  # `augment:` left empty in YAML
+        return ()
     if isinstance(value, list | tuple):
         parts = [str(v).strip() for v in value]
     else:

@@ -55,7 +55,7 @@ def _add_evaluate(sub) -> None:
 def _train_subset(text: str) -> bool | int:
     if text in ("on", "true"):
         return True
-    if text in ("off", "false", "0"):
+    if text in ("off", "false"):
         return False
     if text.isdigit() and int(text) >= 2:
         return int(text)

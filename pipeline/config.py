@@ -220,12 +220,14 @@ class EvalConfig(_Section):
     # Also score training images (trainset/…): true = as many as the test set, a number = that many, false = off.
     train_subset: bool | int = True
 
-    @field_validator("train_subset")
+    @field_validator("train_subset", mode="before")
     @classmethod
-    def _train_subset(cls, v: bool | int) -> bool | int:
-        if not isinstance(v, bool) and v < 2:
-            raise ValueError(f"eval.train_subset={v} must be true, false or a number of images ≥ 2")
-        return v
+    def _train_subset(cls, v: Any) -> bool | int:
+        # One message for every wrong value: pydantic would report each member of the union separately.
+        if isinstance(v, bool) or (isinstance(v, int) and v >= 2):
+            return v
+        raise ValueError(f"eval.train_subset={v!r} must be true (as many training images as test images), "
+                         "false (off) or a number of images ≥ 2")
     batch_size: int = Field(500, ge=1)
     mi_batch: int = Field(1000, ge=2)
     # Prior samples for sample sharpness and the classifier Fréchet distance; None = 10,000 (an

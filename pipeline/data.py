@@ -298,6 +298,12 @@ def ensure_splits(data_cfg, log=print) -> Splits:
     return load_splits(data_cfg.dataset, data_cfg.val_size, data_cfg.split_seed)
 
 
+def binarize_static(images_u8: torch.Tensor, seed: int) -> torch.Tensor:
+    """One fixed Bernoulli draw per pixel (Salakhutdinov & Murray 2008 style), on the CPU, seeded: 0 or 255."""
+    probs = images_u8.float() / 255
+    return (torch.bernoulli(probs, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+
+
 class DeviceData:
     """A split held on the device as uint8; batches are gathered by index, no DataLoader."""
 
@@ -308,18 +314,9 @@ class DeviceData:
         # binarization; None for validation and test data.
         self.augment = augment
         if binarize == "static":
-            # One fixed Bernoulli draw per image (Salakhutdinov & Murray 2008 style), seeded by the split.
-            probs = images_u8.float() / 255
-            images_u8 = (torch.bernoulli(probs, generator=torch.Generator().manual_seed(static_seed)) * 255).to(torch.uint8)
+            images_u8 = binarize_static(images_u8, static_seed)
         self.images = images_u8.to(device)
         self.n = self.images.shape[0]
-
-    def head(self, n: int) -> DeviceData:
-        """The first n images, as stored here (after any static binarization)."""
-        out = DeviceData.__new__(DeviceData)
-        out.binarize, out.augment, out.images = self.binarize, self.augment, self.images[:n]
-        out.n = out.images.shape[0]
-        return out
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = self.images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]

@@ -30,7 +30,7 @@ from pipeline import metrics as M
 from pipeline.augment import augmenter
 from pipeline.checkpoint import CHECKPOINT, load_run
 from pipeline.config import RunConfig
-from pipeline.data import DeviceData, ensure_splits
+from pipeline.data import DeviceData, binarize_static, ensure_splits
 from pipeline.fileio import atomic_write_json
 from pipeline.images import pairs, save_grid
 from pipeline.metric_table import SET_METRICS, SET_PREFIXES
@@ -352,8 +352,9 @@ def other_image_sets(cfg: RunConfig, splits, test_x: torch.Tensor, dev: torch.de
         n = test_x.shape[0] if train_subset is True else int(train_subset)
         train_x = splits.train_x[: cfg.data.train_subset] if cfg.data.train_subset else splits.train_x
         if cfg.data.binarize == "static":
-            # The training draw is made over the whole training tensor: draw it the same way, then cut.
-            out["trainset"] = DeviceData(train_x, dev, "static", static_seed=cfg.data.split_seed).head(n)
+            # The training draw is made over the whole training tensor: draw it the same way (on the CPU),
+            # then cut, and only the cut goes to the device.
+            out["trainset"] = DeviceData(binarize_static(train_x, cfg.data.split_seed)[:n], dev, "none")
         else:
             out["trainset"] = DeviceData(train_x[:n], dev, "static" if cfg.data.binarize == "dynamic" else "none",
                                          static_seed=cfg.data.split_seed + 3)

@@ -73,7 +73,9 @@ def _reinit(weight_init: Callable[[torch.Tensor], object]) -> Callable[[nn.Modul
 INITS: dict[str, Callable[[nn.Module], None]] = {
     "default": lambda model: None,  # torch's per-layer defaults (Kaiming-uniform with a = √5)
     "xavier": _reinit(nn.init.xavier_uniform_),  # Glorot & Bengio 2010, Eq. 16
-    # He et al. 2015, Eq. 10: N(0, 2/fan_in), for the ReLU family (ReLU in the MLP, SiLU in the conv nets).
+    # He et al. 2015, Eq. 10: N(0, 2/fan_in), for the ReLU family (ReLU in the MLP, SiLU in the conv nets),
+    # with torch's fan: for a transposed convolution it counts out_channels·k² (the fan of its gradient
+    # pass), and a PixelCNN kernel counts its masked taps too.
     "kaiming": _reinit(lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu")),
 }
 
@@ -91,8 +93,9 @@ def lr_warmup(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def lr_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
-    """The linear warm-up, then cosine decay to 0 at the last step (Loshchilov & Hutter 2017, Eq. 5,
-    one cycle, η_min = 0)."""
+    """The linear warm-up, then cosine decay towards 0 (Loshchilov & Hutter 2017, Eq. 5, one cycle, η_min = 0):
+    the factor is 1 at step W and reaches 0 at step T, one past the last step taken, so no step is wasted
+    at lr 0."""
     if step < warmup_steps:
         return lr_warmup(step, total_steps, warmup_steps)
     span = max(1, total_steps - warmup_steps)

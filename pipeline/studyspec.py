@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import augment
 from pipeline.config import ConfigError, RunConfig, build_config
 from pipeline.metric_table import OBJECTIVE_METRICS
 from pipeline.vae.priors import PRIORS
@@ -101,7 +102,7 @@ class StudySpec(_Strict):
         for key, levels in self.space.items():
             if isinstance(levels, list) and not levels:
                 raise ValueError(f"space.{key}: give at least one level")
-            repeats = _repeated(levels) if isinstance(levels, list) else []
+            repeats = _repeated(_canonical_levels(key, levels)) if isinstance(levels, list) else []
             if repeats:
                 raise ValueError(f"space.{key}: {levels} lists {', '.join(map(repr, repeats))} more than once (1 and 1.0 "
                                  "are one level, and would train the same config twice); list each level once")
@@ -162,6 +163,19 @@ class TrialSpec:
     @property
     def config_hash(self) -> str:
         return self.config().result_hash()
+
+
+def _canonical_levels(key: str, levels: list) -> list:
+    """Levels as the config stores them, where it rewrites them (`noise+shift` is `shift+noise`)."""
+    if key != "data.augment":
+        return levels
+    out = []
+    for v in levels:
+        try:
+            out.append(augment.canonical(v))
+        except ValueError:
+            out.append(v)  # named by the config check of each level
+    return out
 
 
 def _repeated(levels: list) -> list:
@@ -258,6 +272,8 @@ def _check_combinations(spec: StudySpec, base: dict[str, Any], path: str) -> Non
     if not points:
         raise ConfigError(f"{path}: exclude leaves no point of the design to run")
     per_dim = [o.metric for o in spec.objectives if o.metric in PER_DIMENSION_KL_METRICS]
+    test_aug = [o.metric for o in spec.objectives if o.metric.startswith("test_aug/")]
+    trainset = [o.metric for o in spec.objectives if o.metric.startswith("trainset/")]
     bad = []
     for point in points:
         try:
@@ -268,6 +284,12 @@ def _check_combinations(spec: StudySpec, base: dict[str, Any], path: str) -> Non
         if per_dim and not PRIORS[cfg.prior.name].factorized:
             bad.append((point, f"objective {per_dim[0]} is a per-dimension KL measure, undefined for prior.name="
                                f"{cfg.prior.name!r} (it does not factorize); use test/active_units or test/mutual_info"))
+        if test_aug and cfg.data.augment == "none":
+            bad.append((point, f"objective {test_aug[0]} is measured on augmented test images, and this point trains "
+                               "without augmentation (data.augment=none); use the test/ metric"))
+        if trainset and cfg.eval.train_subset is False:
+            bad.append((point, f"objective {trainset[0]} is measured on training images, and eval.train_subset=false "
+                               "turns that evaluation off"))
     if not bad:
         return
     shown = "\n  ".join(f"{', '.join(f'{k}={v!r}' for k, v in p.items())}: {why}" for p, why in bad[:3])

@@ -22,7 +22,7 @@ from pipeline.data import DeviceData, Splits, ensure_splits
 from pipeline.fileio import atomic_torch_save
 from pipeline.images import pairs, save_grid
 from pipeline.objectives import FREE_BITS_MODES, beta_at
-from pipeline.optim import INITS, build_optimizer, lr_at
+from pipeline.optim import INITS, LR_SCHEDULES, build_optimizer, lr_at
 from pipeline.runtime import resolve_device, rng_state, seed_all, set_rng_state
 from pipeline.vae import VAE, build_vae
 
@@ -183,6 +183,9 @@ def fit(
     n = train_data.n
     steps_per_epoch = math.ceil(n / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
+    if "lr_warmup_steps" in LR_SCHEDULES[tc.lr_schedule].options and tc.lr_warmup_steps >= total_steps:
+        log(f"[train] warning: train.lr_warmup_steps={tc.lr_warmup_steps} ≥ the run's {total_steps} steps: the lr never "
+            f"reaches train.lr={tc.lr:g}" + (" and never decays" if tc.lr_schedule == "cosine" else ""))
     keys = PER_STEP_KEYS + ((SIGMA_KEY,) if fits_scale else ())
     epoch_keys = EPOCH_KEYS + (() if model.prior.analytic_kl else (KL_SD_KEY,))
 

@@ -201,3 +201,11 @@ def test_non_finite_values_are_rejected_naming_the_key(override):
         build_config(overrides=[override])
     msg = str(e.value)
     assert f"{key}=" in msg and "finite" in msg and msg.count("\n") == 1, msg
+
+
+@pytest.mark.parametrize("value", ["abc", 2.5, 1, 0])
+def test_eval_train_subset_errors_name_the_key_once(value):
+    with pytest.raises(ConfigError) as e:
+        build_config(overrides={"eval.train_subset": value})
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and lines[1].strip().startswith(f"eval.train_subset={value!r} must be true"), lines

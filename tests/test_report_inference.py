@@ -86,3 +86,28 @@ def test_an_augmentation_and_latent_size_study_reports_its_inference_gaps_and_ca
     rows = status_rows(spec)
     assert all(row["state"] == "COMPLETE" and 0 <= row["test/active_fraction"] <= 1 for row in rows)
     assert "test/active_fraction.mean" in summary and "| test/active_fraction (↑) |" in md
+
+
+def test_runs_from_before_the_other_image_sets_get_a_capacity_view_and_no_gap_table():
+    """Old runs have active-unit counts but neither fractions nor trainset/ keys; they still have the
+    sampled-vs-mean recon pair, which alone must not bring the Inference table."""
+    from types import SimpleNamespace
+
+    from pipeline.report import inference
+    from pipeline.report.render import Table
+
+    finished = pd.DataFrame({"point": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1], "latent_dim": [2, 2, 8, 8],
+                             "test/active_units": [2, 2, 6, 7], "test/collapsed_dims": [0, 0, 1, 2],
+                             "test/recon_nll": [250.0] * 4, "test/recon_nll_mean_z": [248.0] * 4})
+    summary = pd.DataFrame({"point": ["a", "b"], "config": ["d=2", "d=8"], "n_runs": [2, 2],
+                            "gap/sampled_z_recon.mean": [2.0, 2.0]})
+    a = SimpleNamespace(finished=finished, summary=summary)
+    assert inference.gaps_present(a) == []
+    section = inference.section(a, {})
+    assert section is not None and not any(isinstance(b, Table) for b in section.blocks)
+    text = " ".join(getattr(b, "text", "") for b in section.blocks)
+    assert "Active units go from 2 at 2 dimensions to 6.5 at 8" in text
+    assert "the active fraction from 1.00 to 0.81" in text and "From 8 dimensions on" in text
+    # One latent size and no other image set: no section at all.
+    same = SimpleNamespace(finished=finished.assign(latent_dim=8), summary=summary)
+    assert inference.section(same, {}) is None

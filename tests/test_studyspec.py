@@ -222,3 +222,21 @@ def test_a_non_finite_level_or_range_is_rejected():
         parse_study(_with(space={"objective.beta": [1, float("inf")]}))
     with pytest.raises(ConfigError, match="finite"):
         parse_study(_with(sampler="tpe", n_trials=3, space={"objective.beta": {"low": 0.1, "high": float("inf")}}))
+
+
+def test_augment_levels_that_are_one_config_are_one_level():
+    with pytest.raises(ConfigError, match=r"space.data.augment: .* lists 'shift\+noise' more than once"):
+        parse_study(_with(space={"data.augment": ["noise+shift", "shift+noise"]}))
+
+
+@pytest.mark.parametrize("objective, base, levels, why", [
+    ("test_aug/elbo", {}, {"data.augment": ["none", "noise"]}, "trains without augmentation"),
+    ("trainset/elbo", {"eval.train_subset": False}, {"objective.beta": [1, 4]}, "eval.train_subset=false"),
+])
+def test_an_objective_some_points_never_record_is_refused(objective, base, levels, why):
+    with pytest.raises(ConfigError) as e:
+        parse_study(_with(base=base, space=levels, objectives=[{"metric": objective, "direction": "maximize"}]))
+    assert objective in str(e.value) and why in str(e.value), str(e.value)
+    ok = parse_study(_with(space={"data.augment": ["shift", "noise"]},
+                           objectives=[{"metric": objective, "direction": "maximize"}]))
+    assert len(expand_trials(ok)) == 2

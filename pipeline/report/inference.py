@@ -31,7 +31,15 @@ GAP_MEANING = {
 CAPACITY = ("test/active_units", "test/active_fraction", "test/kl_active_fraction")
 
 
+def scored_other_sets(a: Analysis) -> bool:
+    """Whether some finished run was scored on training or augmented test images (runs from before that
+    existed were not: they get no Inference view, though they have a sampled-vs-mean recon gap)."""
+    return any(c.startswith(("trainset/", "test_aug/")) and a.finished[c].notna().any() for c in a.finished.columns)
+
+
 def gaps_present(a: Analysis) -> list[str]:
+    if a.summary.empty or not scored_other_sets(a):
+        return []
     return [g for g in GAPS if f"{g}.mean" in a.summary and a.summary[f"{g}.mean"].notna().any()]
 
 
@@ -106,6 +114,19 @@ def inference_gaps(a: Analysis, out: Path) -> F.Figure | str:
     return F.save(fig, "inference_gaps", out, caption)
 
 
+def _with_fractions(finished: pd.DataFrame) -> pd.DataFrame:
+    """The runs with their active fractions, derived from the counts where a run predates those keys."""
+    d = finished.latent_dim.astype(float)
+    derived = {"test/active_fraction": ("test/active_units", lambda n: n / d),
+               "test/kl_active_fraction": ("test/collapsed_dims", lambda n: 1 - n / d)}
+    out = finished.copy()
+    for key, (count, fraction) in derived.items():
+        if count in out:
+            recorded = out[key] if key in out else pd.Series(np.nan, index=out.index)
+            out[key] = recorded.fillna(fraction(out[count]))
+    return out
+
+
 def _capacity_cells(finished: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Mean and seed interval of `metric` per latent size; each seed is first averaged over the configs
     sharing that size (other factors), so the interval is seed-to-seed variation."""
@@ -124,7 +145,8 @@ def varies_latent_size(a: Analysis) -> bool:
 def capacity(a: Analysis, out: Path) -> F.Figure | str:
     if not varies_latent_size(a):
         return "Every finished run has the same latent size: there is no capacity curve to draw."
-    cells = {m: _capacity_cells(a.finished, m) for m in CAPACITY}
+    runs = _with_fractions(a.finished)
+    cells = {m: _capacity_cells(runs, m) for m in CAPACITY}
     with F._style():
         fig, (left, right) = F.plt.subplots(1, 2, figsize=(8.4, 3.2))
         units = cells["test/active_units"]
@@ -157,10 +179,13 @@ def capacity(a: Analysis, out: Path) -> F.Figure | str:
 
 
 def _capacity_finding(a: Analysis) -> str | None:
-    units = _capacity_cells(a.finished, "test/active_units")
-    frac = _capacity_cells(a.finished, "test/active_fraction")
-    if len(units) < 2:
+    runs = _with_fractions(a.finished)
+    cells = _capacity_cells(runs, "test/active_units").merge(
+        _capacity_cells(runs, "test/active_fraction"), on="latent_dim", suffixes=("", "_fraction"))
+    if len(cells) < 2:
         return None
+    units = cells[["latent_dim", "mean"]]
+    frac = cells[["latent_dim", "mean_fraction"]].rename(columns={"mean_fraction": "mean"})
     first, last = units.iloc[0], units.iloc[-1]
     peak = units.loc[units["mean"].idxmax()]
     text = (f"Active units go from {first['mean']:.3g} at {int(first.latent_dim)} dimensions to {last['mean']:.3g} at "
@@ -180,16 +205,17 @@ def _capacity_finding(a: Analysis) -> str | None:
 
 def section(a: Analysis, figs: dict) -> Section | None:
     """Shown when some finished run was scored on training or augmented images, or the latent size varies."""
-    gaps = gaps_present(a) if not a.summary.empty else []
+    gaps = gaps_present(a)
     if not gaps and not varies_latent_size(a):
         return None
-    blocks: list = [Text(
-        "Where does inference fail? Each run is scored on its test images, on as many of its own training images "
-        "(clean, as inference sees them) and, when it trained on augmented batches, on augmented test images. A "
-        "large train-minus-test gap is overfitting; a model that does worse on clean images than on augmented ones "
-        "learned the augmented distribution; a sampled z reconstructing much worse than the posterior mean E[z] "
-        "means decoding a sample (not the mean) at inference costs quality.")]
+    blocks: list = []
     if gaps:
+        blocks.append(Text(
+            "Where does inference fail? Each run is scored on its test images, on as many of its own training "
+            "images (clean, as inference sees them) and, when it trained on augmented batches, on augmented test "
+            "images. A large train-minus-test gap is overfitting; a model that does worse on clean images than on "
+            "augmented ones learned the augmented distribution; a sampled z reconstructing much worse than the "
+            "posterior mean E[z] means decoding a sample (not the mean) at inference costs quality."))
         blocks += [_table(a, gaps), figure_block(figs, "inference_gaps", "Inference gaps")]
         blocks += [Text(t) for t in _findings(a, gaps)]
     if varies_latent_size(a):
