@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, Terminated, raise_on_sigterm
 
 EXIT_USAGE, EXIT_DIVERGED = 2, 3
 
@@ -319,6 +319,7 @@ def _cmd_ui(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    raise_on_sigterm()
     try:
         commands = {"prepare": _cmd_prepare, "train": _cmd_train, "evaluate": _cmd_evaluate, "plan": _cmd_plan,
                     "study": _cmd_study, "status": _cmd_status, "workers": _cmd_workers,
@@ -327,9 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("\ninterrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{how}; rerun the same command to continue from the last checkpoint", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -177,6 +177,9 @@ def train_stage(
             e = cfg.eval
             evaluate_stage(ckpt_path, k=e.iwae_k, batch_size=e.batch_size, mi_batch=e.mi_batch, n_samples=e.n_samples,
                            test_subset=e.test_subset, train_subset=e.train_subset, device=cfg.train.device, log=log, sink=sink, splits=splits)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: an interruption, not a failed evaluation
+        sink.end("KILLED", tags={"failure_reason": "interrupted"})
+        raise
     except BaseException as exc:
         # Training is complete and checkpointed; a rerun skips to evaluating again.
         sink.end("FAILED", tags={"failure_reason": f"evaluation error: {type(exc).__name__}"})

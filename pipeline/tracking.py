@@ -127,6 +127,10 @@ def _writer_main(uri: str, blocks, errors, n_errors, done, parent_pid: int) -> N
     way fills the gaps the trainer's threads leave instead of preempting them.
     """
     _die_with_parent()
+    # Ctrl-C reaches the whole process group; the trainer handles it and ends its run, which flushes this
+    # writer first, so the writer must not die of it mid-batch (nor print a traceback). SIGTERM keeps its
+    # default: multiprocessing ends this daemon with it when the trainer exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         os.nice(19)
     except OSError:
