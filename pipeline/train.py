@@ -44,9 +44,50 @@ _LOSS_COL, _GRAD_COL = PER_STEP_KEYS.index("train/loss"), PER_STEP_KEYS.index("t
 
 
 class DivergedError(RuntimeError):
-    def __init__(self, step: int, epoch: int):
-        super().__init__(f"non-finite loss or gradient at step {step} (epoch {epoch})")
+    def __init__(self, step: int, epoch: int, why: str = "non-finite loss or gradient"):
+        super().__init__(f"{why} at step {step} (epoch {epoch})")
         self.step, self.epoch = step, epoch
+
+
+class DivergenceGuard:
+    """Training that explodes but stays finite (lr = 10 peaks at a loss of 1e12 and ends with no active
+    unit): diverged once the loss has stayed above `early + FACTOR · max(|early|, 1)` for WINDOW consecutive
+    steps, where `early` is the median loss of the run's first EARLY_STEPS steps. A healthy VAE's loss
+    starts at its highest (an untrained decoder) and a β warm-up adds at most the KL, a few hundred nats,
+    so no run that trains comes near 1000× its first loss; the window keeps one wild batch from ending a
+    run. The state is saved in the checkpoint, so a resumed run counts exactly as an uninterrupted one."""
+
+    EARLY_STEPS, FACTOR, WINDOW = 20, 1000.0, 50
+
+    def __init__(self, state: dict | None = None):
+        state = state or {}
+        self.early: list[float] = list(state.get("early", []))
+        self.above_since: int | None = state.get("above_since")
+
+    def state(self) -> dict:
+        return {"early": list(self.early), "above_since": self.above_since}
+
+    @property
+    def limit(self) -> float | None:
+        if len(self.early) < self.EARLY_STEPS:
+            return None
+        ref = sorted(self.early)[len(self.early) // 2]
+        return ref + self.FACTOR * max(abs(ref), 1.0)
+
+    def update(self, losses: list[float], first_step: int) -> int | None:
+        """Feed the losses of consecutive steps from `first_step`; the step the sustained excursion
+        began at once it has lasted WINDOW steps, else None."""
+        for i, loss in enumerate(losses):
+            if len(self.early) < self.EARLY_STEPS:
+                self.early.append(loss)
+                continue
+            if loss > self.limit:
+                self.above_since = first_step + i if self.above_since is None else self.above_since
+                if first_step + i - self.above_since + 1 >= self.WINDOW:
+                    return self.above_since
+            else:
+                self.above_since = None
+        return None
 
 
 class StopEarly(Exception):
@@ -189,7 +230,7 @@ def fit(
     keys = PER_STEP_KEYS + ((SIGMA_KEY,) if fits_scale else ())
     epoch_keys = EPOCH_KEYS + (() if model.prior.analytic_kl else (KL_SD_KEY,))
 
-    start_epoch, history, sigma_star = 1, [], None
+    start_epoch, history, sigma_star, guard = 1, [], None, DivergenceGuard()
     ckpt_path = run_dir / CHECKPOINT
     if resume and ckpt_path.exists():
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights where they belong.
@@ -198,6 +239,8 @@ def fit(
         opt.load_state_dict(ck["optimizer"])
         set_rng_state(ck["rng"])
         start_epoch, history, sigma_star = ck["epoch"] + 1, ck["history"], ck.get("sigma_star")
+        # A checkpoint from before the guard: it starts counting from here, its early level from these steps.
+        guard = DivergenceGuard(ck.get("divergence_guard"))
         log(f"[train] resuming from epoch {ck['epoch']}/{tc.epochs} (step {ck['step']}) in {run_dir}")
     for row in history if on_epoch else ():
         on_epoch(row)
@@ -245,6 +288,11 @@ def fit(
                 if good < block.shape[0]:
                     bar.close()
                     raise DivergedError(step0 + flushed + good, epoch)
+                exploded_at = guard.update(block[:, _LOSS_COL].tolist(), step0 + flushed)
+                if exploded_at is not None:
+                    bar.close()
+                    raise DivergedError(exploded_at, epoch, f"loss above {guard.limit:.4g} (1000× its early level) "
+                                                            f"for {guard.WINDOW} steps in a row, starting")
                 bar.update(i + 1 - flushed)
                 bar.set_postfix(loss=f"{block[-1, _LOSS_COL]:.2f}", kl=f"{block[-1, 1]:.2f}")
                 flushed = i + 1
@@ -278,6 +326,7 @@ def fit(
                 "rng": rng_state(),
                 "history": history,
                 "sigma_star": sigma_star,
+                "divergence_guard": guard.state(),
                 "config": cfg.to_dict(),
                 "config_hash": cfg.result_hash(),
                 "run_id": sink.run_id,

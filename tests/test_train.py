@@ -269,6 +269,52 @@ def test_divergence_ends_failed_with_reason_and_keeps_last_good_checkpoint(home,
     assert train_stage(cfg, **QUIET).status == "diverged"
 
 
+def test_the_divergence_guard_on_known_answers():
+    from pipeline.train import DivergenceGuard
+
+    g = DivergenceGuard()
+    assert g.update([500.0] * 19 + [520.0], 0) is None and g.limit == 500 + 1000 * 500
+    # One wild stretch shorter than the window, then back: not diverged, and the count starts over.
+    assert g.update([1e9] * 49 + [400.0], 20) is None and g.above_since is None
+    assert g.update([1e9] * 49, 70) is None
+    resumed = DivergenceGuard(g.state())  # what a checkpoint keeps
+    assert g.update([1e12], 119) == 70 and resumed.update([1e12], 119) == 70
+    # A negative early level (a learned-variance likelihood) still gets a limit above it.
+    neg = DivergenceGuard()
+    neg.update([-2000.0] * 20, 0)
+    assert neg.limit == -2000 + 1000 * 2000 and neg.update([1e5] * 50, 20) is None
+
+
+@pytest.fixture
+def exploding_likelihood(monkeypatch):
+    """Finite but exploding: the NLL grows ×10⁶ after 20 calls (8 steps + 5 val batches, then step 15)."""
+    calls = {"n": 0}
+
+    def log_prob(params, x, opts):
+        calls["n"] += 1
+        lp = bernoulli_log_prob(params, x, opts)
+        return LogProb(lp.log_px * 1e6) if calls["n"] > 20 else lp
+
+    monkeypatch.setitem(LIKELIHOODS, "explodes_after_20", Likelihood(1, log_prob, bernoulli_mean, True, "test"))
+    return "explodes_after_20"
+
+
+def test_finite_divergence_ends_diverged_like_a_nan(home, exploding_likelihood, monkeypatch):
+    from pipeline import train as train_module
+    from pipeline.tracking import get_run
+
+    # The real early span and window are longer than this run of 24 steps.
+    monkeypatch.setattr(train_module.DivergenceGuard, "EARLY_STEPS", 5)
+    monkeypatch.setattr(train_module.DivergenceGuard, "WINDOW", 5)
+    cfg = _cfg(f"likelihood.name={exploding_likelihood}", "train.epochs=3")
+    result = train_stage(cfg, **QUIET)
+    assert result.status == "diverged" and result.diverged_at_step == 15
+    run = get_run(result.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "diverged"
+    assert run.data.tags["diverged_at_step"] == "15"
+    assert train_stage(cfg, **QUIET).status == "diverged"  # not silently retried
+
+
 @pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_every_likelihood_and_arch_trains_without_nan(home, likelihood, arch):
