@@ -67,7 +67,8 @@ class SetPass:
     """One pass over an image set: per-image sums and the posterior parameters of every image."""
 
     n: int
-    sums: torch.Tensor  # float64: recon_nll, recon_nll_mean_z, kl, iwae log-likelihood, z_gap·n_gap, n_gap
+    # float64: recon_nll, recon_nll_mean_z, kl, iwae log-likelihood, z_gap·n_gap, n_gap, Σ elbo² over images
+    sums: torch.Tensor
     mu: torch.Tensor  # (N, D) on the CPU
     logvar: torch.Tensor
     recons: list[torch.Tensor]  # reconstructions from E[z] of the first images, when asked for
@@ -79,7 +80,7 @@ def _set_pass(model: VAE, data: DeviceData, gen: torch.Generator, *, dequantize:
     and `n_render` reconstructions, batch by batch, every draw from `gen`."""
     dev = data.images.device
     mus, logvars, recons = [], [], []
-    sums = torch.zeros(6, dtype=torch.float64)
+    sums = torch.zeros(7, dtype=torch.float64)
     for start in range(0, data.n, batch_size):
         x = data.batch(torch.arange(start, min(start + batch_size, data.n), device=dev))
         if dequantize:
@@ -93,7 +94,8 @@ def _set_pass(model: VAE, data: DeviceData, gen: torch.Generator, *, dequantize:
             ll = M.iwae_log_likelihood(model, x, k=k, chunk=chunk, generator=gen)
         n = x.shape[0]
         gap, n_gap = (M.z_usage_gap(lambda codes, x=x: model.recon_nll(x, codes), t.z), n) if n > 1 else (0.0, 0)
-        sums += torch.tensor([t.recon_nll.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n_gap, n_gap],
+        elbo_sq = (t.recon_nll.double() + kl.double()).square().sum()
+        sums += torch.tensor([t.recon_nll.sum(), recon_mean.sum(), kl.sum(), ll.sum(), gap * n_gap, n_gap, elbo_sq],
                              dtype=torch.float64)
         mus.append(t.q.mu.cpu())
         logvars.append(t.q.logvar.cpu())
@@ -111,8 +113,12 @@ def _set_metrics(prefix: str, p: SetPass, mi_batch: int, generator: torch.Genera
     # Averaged over every full batch of b images: the same estimand, less Monte Carlo noise.
     mi = sum(M.mutual_information(p.mu[i : i + b], p.logvar[i : i + b], generator=generator)
              for i in range(0, p.n - b + 1, b)) / (p.n // b)
+    elbo = -(recon_nll + kl)
     out = {
-        "elbo": -(recon_nll + kl),
+        "elbo": elbo,
+        # The spread of the per-image ELBO over this set's images: with the set's size, the image-sampling
+        # error of its mean, which seed intervals do not contain (every seed scores the same images).
+        "elbo_image_sd": math.sqrt(max(0.0, float(p.sums[6]) / p.n - elbo**2)),
         "recon_nll": recon_nll,
         "recon_nll_mean_z": recon_nll_mean_z,
         "kl": kl,

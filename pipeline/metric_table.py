@@ -49,6 +49,7 @@ def _m(key, label, unit, direction="none", kind="result") -> Metric:
 # Measures of one image set; under test/ and, for the keys in SET_METRICS, trainset/ and test_aug/ too.
 _PER_SET = (
     _m("elbo", "ELBO", "nats/image", "maximize"),
+    _m("elbo_image_sd", "s.d. of the per-image ELBO", "nats/image"),
     _m("recon_nll", "recon. NLL", "nats/image", "minimize"),
     _m("recon_nll_mean_z", "recon. NLL at E[z]", "nats/image", "minimize"),
     _m("kl", "KL rate", "nats/image"),
@@ -83,12 +84,12 @@ def _set_rows(prefix: str) -> tuple[Metric, ...]:
 TABLE: tuple[Metric, ...] = (
     _m("test/iwae_nll", "IWAE NLL", "nats/image", "minimize"),
     _m("test/bits_per_dim", "bits per dimension", "bits", "minimize"),
-    *_set_rows("test")[:7],  # ELBO … I(x; z)
+    *_set_rows("test")[:8],  # ELBO … I(x; z)
     # Factorized priors only (pipeline.evaluate): a mixture prior's KL has no per-dimension split.
     _m("test/collapsed_dims", "collapsed dims", "count", "minimize"),
     _m("test/kl_active_fraction", "dims with KL ≥ 0.01 nats / latent dim", "fraction", "maximize"),
     _m("test/kl_dim_max", "largest KL of a dim", "nats"),
-    _set_rows("test")[7],  # z-usage gap
+    _set_rows("test")[8],  # z-usage gap
     _m("test/fd_classifier", "sample Fréchet dist. (classifier feat.)", "", "minimize"),
     _m("test/recon_fd_classifier", "recon. Fréchet dist. (classifier feat.)", "", "minimize"),
     _m("test/recon_class_acc", "class acc. on recon.", "fraction", "maximize"),

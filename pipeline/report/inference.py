@@ -47,15 +47,37 @@ def _fmt(row: pd.Series, key: str) -> str:
     return mean_ci(row, key)
 
 
+def image_se(a: Analysis) -> pd.Series:
+    """Per config (point), the image-sampling standard error of the train-set − test ELBO gap,
+    √(s_train²/n_train + s_test²/n_test) from each run's per-image ELBO spread, averaged over its runs.
+    Every seed scores the same fixed images, so the seed interval does not contain this error: two
+    subsets of a few thousand images can differ by more than a model's overfitting. NaN where the runs
+    predate the per-image spread."""
+    cols = ("trainset/elbo_image_sd", "test/elbo_image_sd", "test/trainset_images", "test/test_images")
+    f = a.finished
+    if f.empty or not all(c in f for c in cols):
+        return pd.Series(dtype=float)
+    se = np.sqrt(f[cols[0]] ** 2 / f[cols[2]] + f[cols[1]] ** 2 / f[cols[3]])
+    return se.groupby(f.point).mean()
+
+
 def _table(a: Analysis, gaps: list[str]) -> Table:
     rows = []
+    se = image_se(a)
     for _, r in a.summary.iterrows():
         row = {"config": r.config, "seeds": int(r.n_runs), "test ELBO": _fmt(r, "test/elbo")}
-        row.update({F.metric_label(g): _fmt(r, g) for g in gaps})
+        for g in gaps:
+            row[F.metric_label(g)] = _fmt(r, g)
+            if g == "gap/train_test_elbo":
+                value = se.get(r.point, np.nan)
+                row["its image s.e."] = f"{value:.3g}" if np.isfinite(value) else "–"
         rows.append(row)
     return Table(pd.DataFrame(rows), "Inference gaps per config, each a difference within a run, as means over seeds "
                                      "[95% t-interval]; – where a run has no such pair (no augmentation, or no "
-                                     "training-set evaluation).")
+                                     "training-set evaluation). The train-set and test images are fixed subsets that "
+                                     "every seed scores, so the seed interval of their gap leaves out which images were "
+                                     "drawn: its image s.e. (from the spread of the per-image ELBO) says how far two "
+                                     "such subsets differ by chance. The other two gaps compare the same images.")
 
 
 def _findings(a: Analysis, gaps: list[str]) -> list[str]:
@@ -82,7 +104,17 @@ def _findings(a: Analysis, gaps: list[str]) -> list[str]:
             parts.append(f"{negative} in {below.sum()} of {have.sum()} configs (interval below 0)")
         if not parts:
             parts.append(f"no config's interval excludes 0 ({have.sum()} configs)")
-        out.append(f"**{label}**: " + "; ".join(parts) + f"; {largest}.")
+        sentence = f"**{label}**: " + "; ".join(parts) + f"; {largest}."
+        if g == "gap/train_test_elbo":
+            se = image_se(a).reindex(s.point).to_numpy(float)
+            judged = have & np.isfinite(se)
+            if judged.any():
+                within = int((judged & (np.abs(mean) < 2 * se)).sum())
+                sentence += (f" In {within} of {judged.sum()} configs the gap is within two image-sampling standard "
+                             "errors, which the seed interval does not contain: there, it says as much about which "
+                             "images the two subsets hold as about overfitting (score more images, `eval.test_subset`, "
+                             "to tell).")
+        out.append(sentence)
     return out
 
 
