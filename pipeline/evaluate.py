@@ -174,7 +174,8 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
     sharp_samples = M.sharpness(samples_all, reference)
 
     out = {
-        **{key: test_set[key] for key in ("test/elbo", "test/recon_nll", "test/recon_nll_mean_z", "test/kl")},
+        **{key: test_set[key] for key in ("test/elbo", "test/elbo_image_sd", "test/recon_nll", "test/recon_nll_mean_z",
+                                          "test/kl")},
         "test/iwae_nll": -ll,
         "test/bits_per_dim": bpd if bpd is not None else M.bits_per_dim(-ll, model.data_dims,
                                                                          None if lik.discrete else 256),

@@ -373,6 +373,11 @@ def _parent_run(spec: StudySpec, study: optuna.Study, trials_total: int) -> str 
     info_path = study_dir(spec) / "parent.json"
     with _claim_lock(spec, study):
         run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id is None and _is_parent_of(spec, _kept_parent_id(spec)):
+            # The Optuna storage was lost or replaced (a deleted journal): the parent kept on disk is still
+            # this study's, so its trials go on under it instead of under a second parent.
+            run_id = _kept_parent_id(spec)
+            study.set_user_attr("mlflow_parent_run_id", run_id)
         if run_id is None:
             from pipeline.tracking import MlflowRun
 
@@ -384,6 +389,44 @@ def _parent_run(spec: StudySpec, study: optuna.Study, trials_total: int) -> str 
             study.set_user_attr("mlflow_parent_run_id", run_id)
         atomic_write_json({"run_id": run_id}, info_path)
         return run_id
+
+
+def _kept_parent_id(spec: StudySpec) -> str | None:
+    try:
+        return json.loads((study_dir(spec) / "parent.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _is_parent_of(spec: StudySpec, run_id: str | None) -> bool:
+    """Whether `run_id` is this study's parent run in the current tracking store."""
+    if not run_id:
+        return False
+    from pipeline.tracking import client
+
+    try:
+        tags = client().get_run(run_id).data.tags
+    except Exception:  # not in this store (another MLFLOW_TRACKING_URI), or deleted
+        return False
+    return tags.get("role") == "study" and tags.get("study") == spec.name
+
+
+def _close_parent(spec: StudySpec, study: optuna.Study, log=print) -> None:
+    """End the parent run of a complete study if it is still RUNNING (its process died after the last
+    trial, before closing it). Quietly does nothing when the tracking store cannot be reached."""
+    from pipeline.tracking import check_reachable, client
+
+    run_id = study.user_attrs.get("mlflow_parent_run_id") or _kept_parent_id(spec)
+    if not run_id:
+        return
+    try:
+        check_reachable()
+        run = client().get_run(run_id)
+    except Exception:
+        return
+    if run.info.status == "RUNNING":
+        client().set_terminated(run_id, status="FINISHED")
+        log(f"[study {spec.name}] closed the study's MLflow run {run_id}, left running by an earlier command")
 
 
 def trial_run_dir(spec: StudySpec, ts: TrialSpec) -> Path:
@@ -540,6 +583,7 @@ def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials
     before = scan(study, spec, total, reap=False)
     if len(before.done) >= total:
         log(f"[study {spec.name}] complete: {total}/{total} trials done; nothing to do")
+        _close_parent(spec, study, log)
         return before
     log(f"[study {spec.name}] {len(before.done)}/{total} trials done; running the rest")
     from pipeline.tracking import check_reachable

@@ -147,6 +147,16 @@ def test_trainset_metrics_equal_test_metrics_on_the_same_images(home):
     for key in SET_METRICS:
         assert m[f"trainset/{key}"] == m[f"test/{key}"] == m[f"test_aug/{key}"], key
     assert result["params"]["trainset_images"] == 200
+    # The per-image spread, replayed with the same draws: dequantization, then z ~ q(z|x).
+    from pipeline import metrics as M
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        x = M.dequantize(test.batch(torch.arange(200)), generator=gen)
+        t = model.terms(x, generator=gen)
+    per_image = -(t.recon_nll + t.kl).double()
+    assert m["test/elbo"] == pytest.approx(float(per_image.mean()), rel=1e-6)
+    assert m["test/elbo_image_sd"] == pytest.approx(float(per_image.std(unbiased=False)), rel=1e-4)
 
 
 def test_the_other_image_sets_are_the_training_images_and_an_augmented_copy_of_the_test_images(home):

@@ -442,3 +442,34 @@ def test_a_takeover_without_the_run_directory_retires_the_dead_attempts_mlflow_r
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     new_run = trials[1].user_attrs["mlflow_run_id"]
     assert new_run != orphan.run_id and client().get_run(new_run).info.status == "FINISHED"
+
+
+def test_a_rerun_of_a_complete_study_closes_a_parent_run_left_running(home):
+    """The process died after the last trial, before it closed the study's MLflow run."""
+    from pipeline.study import run_study
+    from pipeline.studyspec import load_study
+    from pipeline.tracking import client
+
+    spec = load_study(_write_study(home, "closing", {"objective.beta": [1]}))
+    run_study(spec, log=lambda *_: None)
+    (parent,) = [r for r in _mlflow_runs("closing") if r.data.tags.get("role") == "study"]
+    client().update_run(parent.info.run_id, status="RUNNING")
+    messages: list[str] = []
+    run_study(spec, log=messages.append)
+    assert "complete" in messages[0] and any("closed the study's MLflow run" in m for m in messages)
+    assert client().get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_a_lost_journal_does_not_create_a_second_parent_run(home):
+    from pipeline.study import run_study
+    from pipeline.studyspec import load_study
+
+    spec = load_study(_write_study(home, "lost", {"objective.beta": [1, 8]}))
+    run_study(spec, log=lambda *_: None, max_trials=1)
+    (first,) = [r.info.run_id for r in _mlflow_runs("lost") if r.data.tags.get("role") == "study"]
+    (home / "runs" / "lost" / "optuna.journal").unlink()
+    run_study(spec, log=lambda *_: None)
+    parents = [r for r in _mlflow_runs("lost") if r.data.tags.get("role") == "study"]
+    assert [p.info.run_id for p in parents] == [first] and parents[0].info.status == "FINISHED"
+    trials = [r for r in _mlflow_runs("lost") if r.data.tags.get("role") != "study"]
+    assert len(trials) == 2 and all(r.data.tags["mlflow.parentRunId"] == first for r in trials)
