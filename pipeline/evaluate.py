@@ -330,7 +330,8 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
                             classifier=classifier, test_labels=splits.test_y[: test.n], other_sets=other_sets)
     result["params"]["classifier_test_accuracy"] = classifier_info["test_accuracy"]
     m = result["metrics"]
-    atomic_write_json({"checkpoint": str(checkpoint), "epoch": ck["epoch"], "step": ck["step"], **result,
+    atomic_write_json({"checkpoint": str(checkpoint), "epoch": ck["epoch"], "step": ck["step"], "run_id": ck.get("run_id"),
+                       **result,
                        "artifacts": [str(p) for p in result.get("artifacts", [])]}, checkpoint.parent / METRICS_FILE)
     log(
         f"[evaluate] iwae_nll {m['test/iwae_nll']:.2f}  elbo {m['test/elbo']:.2f}  kl {m['test/kl']:.2f}  "
@@ -375,7 +376,24 @@ def other_image_sets(cfg: RunConfig, splits, test_x: torch.Tensor, dev: torch.de
     return out
 
 
-def _record(result: dict, ck: dict, cfg: RunConfig, sink, checkpoint: Path, log=print) -> None:
+def record_saved_evaluation(checkpoint: Path, step: int, sink, log=print) -> bool:
+    """Finish recording an evaluation of this checkpoint that was saved to metrics.json in this MLflow run
+    but maybe not fully logged (the process died in between): log only the points the run lacks, so no
+    (key, step) is stored twice. False when there is no such evaluation (then evaluate as usual)."""
+    try:
+        saved = json.loads((checkpoint.parent / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if sink.run_id is None or saved.get("run_id") != sink.run_id or saved.get("step") != step:
+        return False
+    log(f"[evaluate] {checkpoint}: evaluated before the last interruption; recording what the run lacks")
+    saved["artifacts"] = [Path(p) for p in saved.get("artifacts", []) if Path(p).exists()]
+    _record(saved, {"run_id": sink.run_id, "step": step}, None, sink, checkpoint, log, only_missing=True)
+    return True
+
+
+def _record(result: dict, ck: dict, cfg: RunConfig | None, sink, checkpoint: Path, log=print,
+            only_missing: bool = False) -> None:
     run_id = ck.get("run_id")
     if sink is None:
         if run_id is None or not cfg.tracking.enabled:
@@ -390,7 +408,11 @@ def _record(result: dict, ck: dict, cfg: RunConfig, sink, checkpoint: Path, log=
             return
     step = int(ck["step"])
     points = {**result["metrics"], **{f"test/{k}": v for k, v in result["params"].items()}}
-    sink.log_metrics([(k, float(v), step) for k, v in points.items() if not math.isnan(float(v))])
+    # A re-evaluation logs newer points at the same step on purpose (MLflow then shows them); finishing an
+    # interrupted record must not.
+    stored = sink.last_steps(list(points)) if only_missing else {}
+    sink.log_metrics([(k, float(v), step) for k, v in points.items()
+                      if not math.isnan(float(v)) and stored.get(k, -1) < step])
     for path in result.get("artifacts", []):
         sink.log_artifact(path, "eval")
     sink.log_artifact(checkpoint.parent / METRICS_FILE, "eval")

@@ -19,7 +19,7 @@ from pipeline.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.config import RunConfig
 from pipeline.data import ensure_splits
 from pipeline.errors import PipelineError
-from pipeline.evaluate import default_iwae_k, default_n_samples, evaluate_stage
+from pipeline.evaluate import default_iwae_k, default_n_samples, evaluate_stage, record_saved_evaluation
 from pipeline.fileio import atomic_write_json
 from pipeline.runtime import resolve_device
 from pipeline.train import DivergedError, StopEarly, TrainResult, fit
@@ -173,7 +173,7 @@ def train_stage(
 
     sink.log_artifact(ckpt_path, "checkpoint")
     try:
-        if cfg.eval.enabled:
+        if cfg.eval.enabled and not record_saved_evaluation(ckpt_path, result.steps_done, sink, log):
             e = cfg.eval
             evaluate_stage(ckpt_path, k=e.iwae_k, batch_size=e.batch_size, mi_batch=e.mi_batch, n_samples=e.n_samples,
                            test_subset=e.test_subset, train_subset=e.train_subset, device=cfg.train.device, log=log, sink=sink, splits=splits)

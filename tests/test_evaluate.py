@@ -147,3 +147,32 @@ def test_bits_per_dim_is_reported_on_a_comparable_scale(home, likelihood, extra,
 def test_bernoulli_on_grey_levels_reports_no_bits_per_dim(trained):
     m = json.loads((Path(trained.run_dir) / METRICS_FILE).read_text())["metrics"]
     assert m["test/bits_per_dim"] != m["test/bits_per_dim"]  # NaN: not a likelihood of 8-bit data
+
+
+def test_a_kill_after_the_evaluation_was_recorded_never_stores_a_test_point_twice(home, monkeypatch):
+    """Killed after evaluation logged its results but before result.json: the rerun must not evaluate and
+    log again (a second point per test/ key at the same step)."""
+    from pipeline import evaluate as ev
+    from pipeline.tracking import client, get_run
+
+    real_record = ev._record
+
+    def record_then_die(*a, **kw):
+        real_record(*a, **kw)
+        raise KeyboardInterrupt
+
+    cfg = build_config(overrides=[*TRAIN_SMALL, *EVAL_SMALL])
+    monkeypatch.setattr(ev, "_record", record_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(cfg, progress=False, **QUIET)
+    monkeypatch.setattr(ev, "_record", real_record)
+
+    def no_second_evaluation(*a, **kw):
+        raise AssertionError("evaluated twice")
+
+    monkeypatch.setattr(ev, "evaluate_model", no_second_evaluation)
+    result = train_stage(cfg, progress=False, **QUIET)
+    run = get_run(result.run_id)
+    assert result.status == "finished" and run.info.status == "FINISHED"
+    for key in ("test/elbo", "test/iwae_nll", "trainset/elbo", "test/iwae_k"):
+        assert len(client().get_metric_history(result.run_id, key)) == 1, key
