@@ -89,11 +89,11 @@ def test_new_options_are_hashed_only_where_they_are_read():
 def test_each_optimizer_init_and_schedule_trains_and_resumes_exactly(home, monkeypatch, axes):
     from pipeline.stages import train_stage
 
-    cfg = _cfg(*axes)
+    cfg = _cfg(*axes, "tracking.enabled=false")  # resume with tracking is tested in test_train
     straight, resumed = straight_and_resumed_weights(home, monkeypatch, cfg)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert all(torch.isfinite(v).all() for v in straight.values())
-    train_stage(_cfg(), run_dir=home / "default", **QUIET)
+    train_stage(_cfg("tracking.enabled=false"), run_dir=home / "default", **QUIET)
     assert any(not torch.equal(straight[k], v) for k, v in _weights(home / "default").items())
 
 
