@@ -132,8 +132,13 @@ def inference_gaps(a: Analysis, out: Path) -> F.Figure | str:
         fig, axes = F.plt.subplots(1, len(gaps), figsize=(3.1 * len(gaps) + 2.2, 0.9 + 0.26 * n), sharey=True,
                                    squeeze=False)
         y = np.arange(n)[::-1]
+        se = image_se(a).reindex(s.point).to_numpy(float)
         for ax, g in zip(axes[0], gaps):
             mean, lo, hi = (s[f"{g}.{k}"].to_numpy(float) for k in ("mean", "ci95_low", "ci95_high"))
+            if g == "gap/train_test_elbo" and np.isfinite(se).any():
+                ax.barh(y, 4 * np.nan_to_num(se), left=-2 * np.nan_to_num(se), height=0.5, color="#d9d9d9", zorder=0,
+                        label="±2 image s.e.")
+                ax.legend(fontsize=7, frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0))
             err = np.nan_to_num(np.vstack([mean - lo, hi - mean]))
             ok = np.isfinite(mean)
             ax.errorbar(mean[ok], y[ok], xerr=err[:, ok], fmt="o", ms=4, color="#4c72b0", capsize=2, lw=1)
@@ -144,8 +149,9 @@ def inference_gaps(a: Analysis, out: Path) -> F.Figure | str:
     one_seed = a.finished.empty or a.finished.groupby("point").seed.nunique().max() < 2
     bars = ("One seed per config: no interval." if one_seed else f"Bars: {LEVEL:.0%} t-intervals over seeds.")
     caption = ("Inference gaps per config, each a difference within one run: training-set minus test ELBO (the "
-               "same number of images), recon. NLL at a sampled z minus at the posterior mean E[z], and clean minus "
-               f"augmented test ELBO (augmented runs only). Dashed: no gap. {bars}")
+               "same number of images; grey: ±2 image-sampling standard errors around 0, the chance difference of two "
+               "such image subsets, which the seed bars do not contain), recon. NLL at a sampled z minus at the "
+               f"posterior mean E[z], and clean minus augmented test ELBO (augmented runs only). Dashed: no gap. {bars}")
     return F.save(fig, "inference_gaps", out, caption)
 
 
@@ -195,6 +201,8 @@ def capacity(a: Analysis, out: Path) -> F.Figure | str:
             err = np.nan_to_num(np.vstack([c["mean"] - c.lo, c.hi - c["mean"]]))
             ax.errorbar(c.latent_dim, c["mean"], yerr=err, fmt="o-", ms=4, lw=1, capsize=2, color=color,
                         label=F.metric_label(metric))
+        left.set_yscale("log", base=2)  # with the log x axis, "every dimension active" is the diagonal
+        left.set_yticks(sizes, [str(d) for d in sizes])
         for ax in (left, right):
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(d) for d in sizes])
