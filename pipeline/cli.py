@@ -7,7 +7,7 @@ import sys
 
 from pipeline.errors import PipelineError, Terminated, raise_on_sigterm
 
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
+EXIT_USAGE, EXIT_DIVERGED, EXIT_IO = 2, 3, 4
 
 
 def _add_prepare(sub) -> None:
@@ -317,6 +317,19 @@ def _cmd_ui(args) -> int:
     return 0  # not reached
 
 
+def _os_error(e: OSError) -> str:
+    import errno
+
+    where = e.filename or "a file"
+    if e.errno == errno.ENOSPC:
+        return (f"no space left on the device holding {where}; free some space and rerun the same command "
+                "(finished epochs and runs are kept; every write is atomic)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write {where}: {e.strerror}; make it writable, or point VAE_PIPELINE_HOME at a "
+                "writable directory")
+    return f"{where}: {e.strerror or e}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     raise_on_sigterm()
@@ -328,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # the disk, not the input: say which file and what to do, not a traceback
+        print(f"error: {_os_error(e)}", file=sys.stderr)
+        return EXIT_IO
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"\n{how}; rerun the same command to continue from the last checkpoint", file=sys.stderr)

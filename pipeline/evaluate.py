@@ -298,7 +298,9 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     if checkpoint is None:
         if run_id is None:
             raise ValueError("give a checkpoint path or an MLflow run id")
-        from pipeline.tracking import get_run
+        from pipeline.tracking import check_reachable, get_run
+
+        check_reachable()
 
         run_dir = get_run(run_id).data.tags.get("run_dir")
         if not run_dir:

@@ -7,6 +7,7 @@ resumes interrupted work, evaluates on the test set and records how the run ende
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from dataclasses import asdict
@@ -86,6 +87,7 @@ def train_stage(
     ckpt_path, result_path, info_path = run_dir / CHECKPOINT, run_dir / RESULT, run_dir / RUN_INFO
 
     if mode == "restart":
+        _retire(_read_json(info_path), cfg, log)
         for p in (ckpt_path, result_path, info_path):
             p.unlink(missing_ok=True)
     done = _read_json(result_path)
@@ -111,41 +113,23 @@ def train_stage(
     elif mode == "resume":
         raise RunDirError(f"nothing to resume: {ckpt_path} does not exist; drop --resume to start this run")
 
+    if cfg.tracking.enabled:
+        from pipeline.tracking import check_reachable
+
+        check_reachable()  # one clear error in seconds, not minutes of MLflow's own retries mid-run
     splits = ensure_splits(cfg.data, log=log)
     info = _read_json(info_path) or {}
     sink = _open_sink(cfg, info.get("run_id"), parent_run_id)
-    atomic_write_json({"run_id": sink.run_id, "config_hash": cfg.result_hash()}, info_path)
-    if on_run and sink.run_id:
-        on_run(sink.run_id)
-    device = resolve_device(cfg.train.device)
-    if info.get("run_id") and sink.run_id != info["run_id"] and cfg.tracking.enabled:
-        # The run this directory belongs to is not in the current store (another MLFLOW_TRACKING_URI,
-        # a deleted mlflow.db): go on in a new run, and say that it lacks the earlier history.
-        log(f"[train] warning: MLflow run {info['run_id']} not found in {_store_hint()}; "
-            f"continuing in new run {sink.run_id} without the history before the checkpoint")
-        sink.set_tags({"partial_history": "true", "previous_run_id": info["run_id"]})
-    params = cfg.flat()
-    # Record the values evaluation will use, not "auto".
-    autoregressive = DECODERS[cfg.model.decoder_name].autoregressive
-    if params["eval.iwae_k"] is None:
-        params["eval.iwae_k"] = default_iwae_k(device, autoregressive)
-    if params["eval.n_samples"] is None:
-        params["eval.n_samples"] = default_n_samples(device, autoregressive)
-    sink.log_params(params)  # skips keys already there, so a re-attached run is completed
-    sink.set_tags(
-        {
-            "git_commit": _git_commit(),
-            "dataset_manifest_sha256": splits.manifest_sha256,
-            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-            "torch_version": torch.__version__,
-            "config_hash": cfg.result_hash(),
-            "run_dir": str(run_dir),
-            **(extra_tags or {}),
-        }
-    )
-    config_path = run_dir / "config.yaml"
-    _write_config(cfg, config_path)
-    sink.log_artifact(config_path)
+    try:
+        _attach(cfg, sink, info, run_dir, splits, on_run, extra_tags, log)
+    except BaseException as e:
+        # The MLflow run exists from here on: it must not stay RUNNING because, say, the run directory is
+        # read-only. Ended, it is re-attached by the next attempt through run.json, or left as a record.
+        interrupted = isinstance(e, KeyboardInterrupt)
+        with contextlib.suppress(Exception):  # the store itself may be what failed; the cause goes up
+            sink.end("KILLED" if interrupted else "FAILED",
+                     tags={"failure_reason": "interrupted" if interrupted else f"error: {type(e).__name__}"})
+        raise
 
     try:
         result = fit(cfg, run_dir, sink, resume=ckpt_path.exists(), splits=splits, log=log, progress=progress,
@@ -187,6 +171,63 @@ def train_stage(
     sink.end("FINISHED")
     atomic_write_json({**asdict(result), "config_hash": cfg.result_hash()}, result_path)
     return result
+
+
+def _attach(cfg: RunConfig, sink, info: dict, run_dir: Path, splits, on_run, extra_tags, log) -> None:
+    """Bind the run directory and the MLflow run to each other (run.json), and give the run its params,
+    tags and config."""
+    info_path = run_dir / RUN_INFO
+    atomic_write_json({"run_id": sink.run_id, "config_hash": cfg.result_hash()}, info_path)
+    if on_run and sink.run_id:
+        on_run(sink.run_id)
+    device = resolve_device(cfg.train.device)
+    if info.get("run_id") and sink.run_id != info["run_id"] and cfg.tracking.enabled:
+        # The run this directory belongs to is not in the current store (another MLFLOW_TRACKING_URI,
+        # a deleted mlflow.db): go on in a new run, and say that it lacks the earlier history.
+        log(f"[train] warning: MLflow run {info['run_id']} not found in {_store_hint()}; "
+            f"continuing in new run {sink.run_id} without the history before the checkpoint")
+        sink.set_tags({"partial_history": "true", "previous_run_id": info["run_id"]})
+    params = cfg.flat()
+    # Record the values evaluation will use, not "auto".
+    autoregressive = DECODERS[cfg.model.decoder_name].autoregressive
+    if params["eval.iwae_k"] is None:
+        params["eval.iwae_k"] = default_iwae_k(device, autoregressive)
+    if params["eval.n_samples"] is None:
+        params["eval.n_samples"] = default_n_samples(device, autoregressive)
+    sink.log_params(params)  # skips keys already there, so a re-attached run is completed
+    sink.set_tags(
+        {
+            "git_commit": _git_commit(),
+            "dataset_manifest_sha256": splits.manifest_sha256,
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "torch_version": torch.__version__,
+            "config_hash": cfg.result_hash(),
+            "run_dir": str(run_dir),
+            **(extra_tags or {}),
+        }
+    )
+    config_path = run_dir / "config.yaml"
+    _write_config(cfg, config_path)
+    sink.log_artifact(config_path)
+
+
+def _retire(info: dict | None, cfg: RunConfig, log) -> None:
+    """--restart starts a new MLflow run: end the discarded one if it was left RUNNING (a killed attempt),
+    so no run of ours stays RUNNING forever."""
+    run_id = (info or {}).get("run_id")
+    if not run_id or not cfg.tracking.enabled:
+        return
+    from pipeline.tracking import client
+
+    try:
+        c = client()
+        if c.get_run(run_id).info.status != "RUNNING":
+            return
+        c.set_tag(run_id, "failure_reason", "restarted")
+        c.set_terminated(run_id, status="KILLED")
+    except Exception:  # not in this store, or deleted: nothing to end here
+        return
+    log(f"[train] --restart: ended the discarded MLflow run {run_id} (KILLED, failure_reason=restarted)")
 
 
 def _store_hint() -> str:

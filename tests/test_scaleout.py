@@ -156,12 +156,17 @@ def test_an_unreachable_database_is_one_clear_error_with_the_password_masked(bar
     assert "s3cret" not in message and "vae:***@127.0.0.1" in message and "make postgres" in message
 
 
-def test_an_unreachable_tracking_server_is_one_clear_error_before_any_training(bare_home, monkeypatch):
+@pytest.mark.parametrize("command", [
+    ["study", str(Path(__file__).parents[1] / "studies" / "demo.yaml")],
+    ["train", "--set", "data.train_subset=64"],  # `train` used to retry for minutes before saying so
+    ["evaluate", "--run", "0123456789abcdef"],
+], ids=lambda c: c[0])
+def test_an_unreachable_tracking_server_is_one_clear_error_before_any_training(bare_home, monkeypatch, command):
     port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:hunter2@127.0.0.1:{port}")
-    out = subprocess.run([sys.executable, "-m", "pipeline", "study", str(Path(__file__).parents[1] / "studies" / "demo.yaml")],
+    out = subprocess.run([sys.executable, "-m", "pipeline", *command],
                          env={**subprocess_env(bare_home), "MLFLOW_TRACKING_URI": f"http://alice:hunter2@127.0.0.1:{port}"},
-                         cwd=bare_home, capture_output=True, text=True, timeout=120)
+                         cwd=bare_home, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "cannot reach the MLflow tracking server" in out.stderr and f"127.0.0.1:{port}" in out.stderr
     assert "hunter2" not in out.stdout + out.stderr

@@ -375,3 +375,51 @@ def test_the_first_steps_losses_are_pinned(home, extra):
     for key, expected in PINNED_FIRST_STEPS[extra].items():
         got = [v for k, v, step in sink.rows if k == key and step < 5]
         assert got == pytest.approx(expected, rel=1e-3, abs=1e-3), key
+
+
+def test_restart_ends_the_discarded_run_if_it_was_left_running(home):
+    from pipeline.tracking import client, get_run
+
+    cfg = _cfg()
+    first = train_stage(cfg, run_dir=home / "run", **QUIET)
+    client().update_run(first.run_id, status="RUNNING")  # as a SIGKILLed attempt leaves it
+    second = train_stage(cfg, run_dir=home / "run", mode="restart", **QUIET)
+    assert second.run_id != first.run_id and get_run(second.run_id).info.status == "FINISHED"
+    old = get_run(first.run_id)
+    assert old.info.status == "KILLED" and old.data.tags["failure_reason"] == "restarted"
+
+
+def test_a_run_directory_that_cannot_be_written_leaves_no_mlflow_run_running(home, monkeypatch):
+    """Root ignores file modes, so the read-only run directory is simulated where run.json is written."""
+    from pipeline import stages
+    from pipeline.tracking import client
+
+    real_write = stages.atomic_write_json
+
+    def read_only(obj, path):
+        if path.name == "run.json":
+            raise OSError(30, "Read-only file system", str(path))
+        return real_write(obj, path)
+
+    monkeypatch.setattr(stages, "atomic_write_json", read_only)
+    with pytest.raises(OSError, match="Read-only"):
+        train_stage(_cfg(experiment="ro"), run_dir=home / "ro", **QUIET)
+    c = client()
+    (run,) = c.search_runs([c.get_experiment_by_name("ro").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "error: OSError"
+
+
+@pytest.mark.parametrize("errno_, expected", [(28, "no space left on the device holding /data/x/checkpoint.pt"),
+                                              (30, "cannot write /data/x/checkpoint.pt: Read-only file system")])
+def test_a_disk_error_is_one_line_naming_the_file_and_the_fix(monkeypatch, capsys, errno_, expected):
+    from pipeline import cli
+
+    def failing(args):
+        raise OSError(errno_, "No space left on device" if errno_ == 28 else "Read-only file system",
+                      "/data/x/checkpoint.pt")
+
+    monkeypatch.setattr(cli, "_cmd_train", failing)
+    monkeypatch.setattr(cli, "raise_on_sigterm", lambda: None)  # keep pytest's own SIGTERM handling
+    assert cli.main(["train"]) == cli.EXIT_IO
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
