@@ -35,13 +35,13 @@ from pathlib import Path
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from pipeline import paths
 from pipeline.checkpoint import epoch_history
 from pipeline.errors import PipelineError, masked
 from pipeline.fileio import atomic_write_json
+from pipeline.journal import open_journal
 from pipeline.stages import train_stage
 from pipeline.studyspec import FIXED_DESIGNS, Range, StudySpec, TrialSpec, base_overrides, expand_trials, point_key
 from pipeline.train import StopEarly
@@ -68,9 +68,9 @@ def open_storage(spec: StudySpec, storage: str | None):
     if storage is None:
         d = study_dir(spec)
         d.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(d / "optuna.journal")))
+        return open_journal(d / "optuna.journal")
     if "://" not in storage:
-        return JournalStorage(JournalFileBackend(storage))
+        return open_journal(Path(storage))
     from pipeline.services import use_pgpass
 
     use_pgpass()  # the password of `make postgres`'s cluster, never in the URL

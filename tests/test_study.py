@@ -473,3 +473,41 @@ def test_a_lost_journal_does_not_create_a_second_parent_run(home):
     assert [p.info.run_id for p in parents] == [first] and parents[0].info.status == "FINISHED"
     trials = [r for r in _mlflow_runs("lost") if r.data.tags.get("role") != "study"]
     assert len(trials) == 2 and all(r.data.tags["mlflow.parentRunId"] == first for r in trials)
+
+
+def test_a_torn_last_journal_record_is_set_aside_and_the_study_resumes(home):
+    """A kill or ENOSPC mid-append leaves a record without its newline; appending after it used to make
+    every later read fail with a JSONDecodeError."""
+    from pipeline.study import run_study, status_rows
+    from pipeline.studyspec import load_study
+
+    spec = load_study(_write_study(home, "torn", {"objective.beta": [1, 8]}))
+    run_study(spec, log=lambda *_: None, max_trials=1)
+    journal = home / "runs" / "torn" / "optuna.journal"
+    whole = journal.read_bytes()
+    torn = whole + b'{"op_code": 6, "worker_id": "dead", "trial_id": 1, "sta'
+    journal.write_bytes(torn)
+    messages: list[str] = []
+    progress = run_study(spec, log=messages.append)
+    assert progress.done == {0, 1}
+    copies = list(journal.parent.glob("optuna.journal.torn-*"))
+    assert len(copies) == 1 and copies[0].read_bytes() == torn  # the journal as it was, kept
+    assert journal.read_bytes().startswith(whole) and journal.read_bytes().endswith(b"\n")
+    assert [row["state"] for row in status_rows(spec)] == ["COMPLETE", "COMPLETE"]
+    _check_study_integrity(home, "torn", 2, steps_per_trial=4)
+
+
+def test_a_journal_broken_before_its_end_or_a_directory_is_one_clear_error(home, tmp_path):
+    from pipeline.journal import JournalError
+    from pipeline.study import open_storage, run_study
+    from pipeline.studyspec import load_study
+
+    spec = load_study(_write_study(home, "broken", {"objective.beta": [1]}))
+    run_study(spec, log=lambda *_: None)
+    journal = home / "runs" / "broken" / "optuna.journal"
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(lines[0] + b"garbage\n" + b"".join(lines[1:]))
+    with pytest.raises(JournalError, match=r"optuna.journal, line 2: not a valid Optuna journal record"):
+        run_study(spec, log=lambda *_: None)
+    with pytest.raises(JournalError, match="is a directory"):
+        open_storage(spec, str(tmp_path))
