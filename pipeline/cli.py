@@ -306,8 +306,9 @@ def _cmd_ui(args) -> int:
     import os
 
     from pipeline import paths
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import ensure_store, tracking_uri
 
+    ensure_store(tracking_uri())  # not mlflow ui's own in-place creation, which a kill can leave half done
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
            "--host", args.host, "--port", str(args.port)]
     if tracking_uri().startswith("sqlite:"):

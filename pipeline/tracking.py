@@ -48,7 +48,53 @@ def artifact_root() -> str:
 
 
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    ensure_store(uri)
+    return MlflowClient(uri)
+
+
+def ensure_store(uri: str) -> None:
+    """Create a new SQLite store crash-safely. MLflow builds its schema with a few dozen migrations in
+    place; a kill, Ctrl-C or full disk in the middle left a store every later command failed on (alembic:
+    `table datasets already exists`), and two commands starting on a fresh home raced the same
+    migrations. Here the store is built in a temporary file next to it and renamed into place, under a
+    lock: a kill at any moment leaves no store or a whole one. Other stores (a server, PostgreSQL) are
+    the server's or the operator's to create."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not _store_complete(db):  # one stat on the common path
+        import fcntl
+
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not _store_complete(db):
+                for leftover in db.parent.glob(db.name + ".creating-*"):  # a dead attempt's: we hold the lock
+                    leftover.unlink(missing_ok=True)
+                # A name of its own per attempt: MLflow caches engines by URI, and one still open on an
+                # earlier attempt's file (deleted above) would see its database "moved".
+                tmp = db.with_name(f"{db.name}.creating-{os.getpid()}-{time.time_ns()}")
+                from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+                store = SqlAlchemyStore(f"sqlite:///{tmp}", artifact_root())
+                store.engine.dispose()
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, db)
+                fd = os.open(db.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+
+def _store_complete(db: Path) -> bool:
+    # SQLite creates an empty file on connect: only a non-empty file is a store someone finished.
+    try:
+        return db.stat().st_size > 0
+    except OSError:
+        return False
 
 
 def check_reachable(timeout: float = 5.0) -> None:

@@ -46,3 +46,43 @@ def test_reattaching_keeps_the_run_and_its_status_when_asked(home):
     r = get_run(run.run_id)
     assert r.info.status == "FINISHED" and r.data.metrics["a"] == 2.0
     assert reopen_run("0" * 32) is None
+
+
+def test_a_crash_while_the_store_is_created_leaves_no_store_and_the_next_command_works(bare_home, monkeypatch):
+    """MLflow migrates a new SQLite store in place; dying half-way used to leave a store every later command
+    failed on (`table datasets already exists`)."""
+    import mlflow.store.db.utils as db_utils
+    import sqlalchemy
+
+    from pipeline import paths, tracking
+
+    real = db_utils._initialize_tables
+
+    def dies_half_way(engine):
+        with engine.begin() as conn:  # some of the schema exists, the rest never will
+            conn.execute(sqlalchemy.text("CREATE TABLE datasets (id INTEGER)"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(db_utils, "_initialize_tables", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.client()
+    db = paths.mlflow_db()
+    assert not db.exists() or db.stat().st_size == 0  # no store, not half of one
+    monkeypatch.setattr(db_utils, "_initialize_tables", real)
+    tracking.client().search_experiments()
+    assert db.stat().st_size > 0 and not list(db.parent.glob(db.name + ".creating-*"))  # the leftover is gone
+    exp = tracking.get_or_create_experiment("after")
+    assert tracking.client().get_experiment(exp).name == "after"
+
+
+def test_two_commands_starting_on_a_fresh_home_both_get_the_store(bare_home):
+    import subprocess
+    import sys
+
+    from .conftest import subprocess_env
+
+    code = "from pipeline.tracking import client; client().search_experiments(); print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(bare_home), cwd=bare_home,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
