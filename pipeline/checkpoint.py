@@ -7,14 +7,29 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RunConfig, build_config
+from pipeline.errors import PipelineError
 from pipeline.vae import VAE, build_vae
 
 CHECKPOINT = "checkpoint.pt"
 
 
+class CheckpointError(PipelineError, RuntimeError):
+    """A checkpoint file that cannot be read."""
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
     # weights_only=False: the checkpoint holds numpy/python RNG states; it is our own file.
-    return torch.load(path, map_location=device, weights_only=False)
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated zip, bad pickle, I/O error: torch says each differently
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: this checkpoint cannot be read ({reason}). Checkpoints are written atomically, so it was "
+            "damaged afterwards (disk, copy, edit). Train the run again with `train --restart` (for a study, delete "
+            "its trial directory and rerun the study), or restore the file from a backup"
+        ) from None
 
 
 def epoch_history(run_dir: str | Path) -> list[dict]:

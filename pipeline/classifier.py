@@ -89,7 +89,8 @@ def classifier_dir(data_cfg) -> Path:
     return processed_dir(data_cfg.dataset, data_cfg.val_size, data_cfg.split_seed)
 
 
-def ensure_classifier(data_cfg, splits: Splits, device: torch.device, log=print) -> tuple[FeatureClassifier, dict]:
+def ensure_classifier(data_cfg, splits: Splits, device: torch.device, log=print,
+                      retrain_if_damaged: bool = True) -> tuple[FeatureClassifier, dict]:
     """Load the split's cached classifier, training it first if there is none (or the split changed)."""
     d = classifier_dir(data_cfg)
     path, info_path = d / CLASSIFIER_FILE, d / CLASSIFIER_INFO
@@ -108,6 +109,13 @@ def ensure_classifier(data_cfg, splits: Splits, device: torch.device, log=print)
         atomic_write_json(info, info_path)  # written last: its presence marks a complete classifier
         log(f"[classifier] test accuracy {acc:.2%} → {path}")
     model = FeatureClassifier().to(device)
-    model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    try:
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+    except Exception as e:  # a damaged cache (truncated, edited): it is ours to rebuild
+        if retrain_if_damaged is False:
+            raise
+        log(f"[classifier] {path} cannot be read ({type(e).__name__}); training it again")
+        path.unlink(missing_ok=True)
+        return ensure_classifier(data_cfg, splits, device, log, retrain_if_damaged=False)
     model.eval()
     return model, info

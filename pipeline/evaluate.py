@@ -31,6 +31,7 @@ from pipeline.augment import augmenter
 from pipeline.checkpoint import CHECKPOINT, load_run
 from pipeline.config import RunConfig
 from pipeline.data import DeviceData, binarize_static, ensure_splits
+from pipeline.errors import masked
 from pipeline.fileio import atomic_write_json
 from pipeline.images import pairs, save_grid
 from pipeline.metric_table import SET_METRICS, SET_PREFIXES
@@ -301,8 +302,13 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
         from pipeline.tracking import check_reachable, get_run
 
         check_reachable()
+        try:
+            run_dir = get_run(run_id).data.tags.get("run_dir")
+        except Exception:  # MLflow's RESOURCE_DOES_NOT_EXIST, or a malformed id
+            from pipeline.tracking import tracking_uri
 
-        run_dir = get_run(run_id).data.tags.get("run_dir")
+            raise FileNotFoundError(f"no MLflow run {run_id!r} in {masked(tracking_uri())}; copy the id from the run's "
+                                    "page in the MLflow UI (make ui), or pass --checkpoint RUN_DIR") from None
         if not run_dir:
             raise FileNotFoundError(f"MLflow run {run_id} has no run_dir tag; pass --checkpoint instead")
         checkpoint = Path(run_dir) / CHECKPOINT

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -423,3 +424,57 @@ def test_a_disk_error_is_one_line_naming_the_file_and_the_fix(monkeypatch, capsy
     assert cli.main(["train"]) == cli.EXIT_IO
     err = capsys.readouterr().err
     assert err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_damaged_checkpoint_is_one_clear_error_naming_it_and_the_fix(home, monkeypatch, capsys):
+    from pipeline import cli
+    from pipeline.checkpoint import CheckpointError
+
+    cfg = _cfg("tracking.enabled=false")
+    train_stage(cfg, run_dir=home / "run", **QUIET)
+    (home / "run" / "result.json").unlink()  # as if killed before the end: the checkpoint is read again
+    ckpt = home / "run" / CHECKPOINT
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # cut short
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: this checkpoint cannot be read .*--restart"):
+        train_stage(cfg, run_dir=home / "run", **QUIET)
+    monkeypatch.setattr(cli, "raise_on_sigterm", lambda: None)
+    args = ["train", "--run-dir", str(home / "run"), *[x for s in [*SMALL, "tracking.enabled=false"] for x in ("--set", s)]]
+    assert cli.main(args) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {ckpt}: this checkpoint cannot be read") and "Traceback" not in err
+    assert train_stage(cfg, run_dir=home / "run", mode="restart", **QUIET).status == "finished"
+
+
+def test_a_bogus_run_id_is_one_clear_error(home, monkeypatch, capsys):
+    from pipeline import cli
+    from pipeline.tracking import client
+
+    client().search_experiments()  # a store exists, without that run
+    monkeypatch.setattr(cli, "raise_on_sigterm", lambda: None)
+    assert cli.main(["evaluate", "--run", "0123456789abcdef0123456789abcdef"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no MLflow run '0123456789abcdef0123456789abcdef' in sqlite:" in err and "Traceback" not in err
+
+
+def test_a_damaged_classifier_cache_is_trained_again(home, monkeypatch, tmp_path):
+    from pipeline import classifier as C
+    from pipeline.data import ensure_splits
+
+    cfg = _cfg()
+    splits = ensure_splits(cfg.data, log=lambda *_: None)
+    real_dir = C.classifier_dir(cfg.data)
+    for name in (C.CLASSIFIER_FILE, C.CLASSIFIER_INFO):  # a private copy: the real cache is shared by the suite
+        shutil.copy(real_dir / name, tmp_path / name)
+    monkeypatch.setattr(C, "classifier_dir", lambda data_cfg: tmp_path)
+    (tmp_path / C.CLASSIFIER_FILE).write_bytes(b"PK\x03\x04 truncated")
+    trained = []
+
+    def quick_train(splits, device, log=print):  # the real recipe takes ~15 s; what is tested is the recovery
+        trained.append(1)
+        return C.FeatureClassifier(), 0.5
+
+    monkeypatch.setattr(C, "train_classifier", quick_train)
+    messages: list[str] = []
+    model, info = C.ensure_classifier(cfg.data, splits, torch.device("cpu"), log=messages.append)
+    assert trained == [1] and info["test_accuracy"] == 0.5 and any("cannot be read" in m for m in messages)
+    assert isinstance(model, C.FeatureClassifier)
