@@ -30,6 +30,18 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def remove_leftovers(directory: Path) -> list[Path]:
+    """Delete the temp files of atomic writes a SIGKILL or power loss interrupted (an exception removes its
+    own): up to a whole checkpoint each. Call only where no other process is writing (a run directory its
+    stage owns)."""
+    gone = []
+    for tmp in Path(directory).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
 def atomic_write_bytes(path: Path, blob: bytes) -> None:
     atomic_write(path, lambda f: f.write(blob))
 

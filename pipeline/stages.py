@@ -19,9 +19,9 @@ from pipeline import paths
 from pipeline.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.config import RunConfig
 from pipeline.data import ensure_splits
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, masked
 from pipeline.evaluate import default_iwae_k, default_n_samples, evaluate_stage, record_saved_evaluation
-from pipeline.fileio import atomic_write_json
+from pipeline.fileio import atomic_write_json, remove_leftovers
 from pipeline.runtime import resolve_device
 from pipeline.train import DivergedError, StopEarly, TrainResult, fit
 from pipeline.vae.decoders import DECODERS
@@ -86,6 +86,8 @@ def train_stage(
     run_dir = (Path(run_dir) if run_dir else default_run_dir(cfg)).resolve()
     ckpt_path, result_path, info_path = run_dir / CHECKPOINT, run_dir / RESULT, run_dir / RUN_INFO
 
+    if run_dir.is_dir():
+        remove_leftovers(run_dir)  # this stage owns its run directory (a study claims it first)
     if mode == "restart":
         _retire(_read_json(info_path), cfg, log)
         for p in (ckpt_path, result_path, info_path):
@@ -95,7 +97,8 @@ def train_stage(
         if done.get("config_hash") not in (None, cfg.result_hash()):
             raise RunDirError(f"{run_dir} holds a run of a different config; choose another run directory or --restart")
         if done["status"] == "finished":
-            log(f"[train] already finished: {run_dir} (MLflow run {done.get('run_id')}); --restart to train again")
+            log(f"[train] already finished: {run_dir} ({_where_tracked(done.get('run_id'), cfg)}); "
+                "--restart to train again")
             return TrainResult(**{**{k: done.get(k) for k in TrainResult.__dataclass_fields__}, "status": "skipped"})
         if done["status"] == "diverged":
             log(f"[train] this run diverged at step {done.get('diverged_at_step')}; --restart to try again")
@@ -209,6 +212,20 @@ def _attach(cfg: RunConfig, sink, info: dict, run_dir: Path, splits, on_run, ext
     config_path = run_dir / "config.yaml"
     _write_config(cfg, config_path)
     sink.log_artifact(config_path)
+
+
+def _where_tracked(run_id: str | None, cfg: RunConfig) -> str:
+    """Where a finished run's numbers are: its MLflow run, or a warning when the current store lacks it."""
+    if not run_id or not cfg.tracking.enabled:
+        return "not tracked in MLflow"
+    from pipeline.tracking import client, tracking_uri
+
+    try:
+        client().get_run(run_id)
+        return f"MLflow run {run_id}"
+    except Exception:
+        return (f"its MLflow run {run_id} is not in the current store {masked(tracking_uri())}: it was tracked in "
+                "another one; set MLFLOW_TRACKING_URI back to it, or --restart to train it again into this one")
 
 
 def _retire(info: dict | None, cfg: RunConfig, log) -> None:

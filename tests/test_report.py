@@ -178,6 +178,27 @@ def test_summary_csv_equals_an_independent_aggregation_of_the_mlflow_runs(study)
             assert row[f"{m}.ci95_high"] == pytest.approx(mean + half, rel=1e-9, abs=1e-9), m
 
 
+def test_a_report_killed_while_writing_leaves_the_previous_one_whole(study, monkeypatch):
+    """The report is written aside and swapped in: a kill used to leave report.md pointing at figures the
+    new run had already deleted."""
+    from pipeline.report import render, report_stage
+
+    def snapshot():
+        return {p.relative_to(study.full): p.read_bytes() for p in study.full.rglob("*") if p.is_file()}
+
+    before = snapshot()
+
+    def killed_half_way(doc, out_dir):
+        (out_dir / "report.md").write_text("half a report")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(render, "write", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        report_stage(study.spec, log=lambda *_: None, log_to_mlflow=False)
+    assert snapshot() == before
+    assert not list(study.full.parent.glob(".report_t.*"))  # nothing half-written left behind
+
+
 # --- the HTML in a real browser ---------------------------------------------------------------------
 CHECK_SCRIPT = """<script>
 window.addEventListener('load', () => {

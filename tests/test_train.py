@@ -478,3 +478,18 @@ def test_a_damaged_classifier_cache_is_trained_again(home, monkeypatch, tmp_path
     model, info = C.ensure_classifier(cfg.data, splits, torch.device("cpu"), log=messages.append)
     assert trained == [1] and info["test_accuracy"] == 0.5 and any("cannot be read" in m for m in messages)
     assert isinstance(model, C.FeatureClassifier)
+
+
+def test_leftovers_of_killed_writes_are_removed_and_a_run_tracked_elsewhere_says_so(home, monkeypatch):
+    cfg = _cfg()
+    first = train_stage(cfg, run_dir=home / "run", **QUIET)
+    leftover = home / "run" / ".checkpoint.pt.k1ll3d.tmp"  # what SIGKILL mid-checkpoint leaves
+    leftover.write_bytes(b"\0" * 100_000)
+    messages: list[str] = []
+    assert train_stage(cfg, run_dir=home / "run", log=messages.append, progress=False).status == "skipped"
+    assert not leftover.exists() and (home / "run" / CHECKPOINT).exists()
+    assert f"MLflow run {first.run_id}" in messages[-1] and "not in the current store" not in messages[-1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'other.db'}")
+    messages.clear()
+    train_stage(cfg, run_dir=home / "run", log=messages.append, progress=False)
+    assert f"its MLflow run {first.run_id} is not in the current store sqlite:///{home / 'other.db'}" in messages[-1]

@@ -12,6 +12,7 @@ sections (text and tables), render (HTML, Markdown).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -56,6 +57,26 @@ def summary_frame(a):
     return s[head + [c for c in s.columns if c not in head]].sort_values("rank", kind="stable")
 
 
+def _recover(out: Path) -> None:
+    """Undo what a killed report left: its half-written directory, and the earlier report set aside
+    for a swap that did not finish (put back when nothing replaced it)."""
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(old, out)
+    for work in out.parent.glob(f".{out.name}.writing-*"):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def report_stage(spec: StudySpec, storage: str | None = None, out_dir: str | Path | None = None, log=print,
                  interaction: tuple[str, str] | None = None, log_to_mlflow: bool = True) -> Path:
     """Write the study's report (see the module docstring) and log it to the study's parent MLflow run.
@@ -71,9 +92,13 @@ def report_stage(spec: StudySpec, storage: str | None = None, out_dir: str | Pat
         raise ReportError(f"--interaction {' '.join(interaction)}: name two different factors of study "
                           f"{spec.name!r} ({', '.join(spec.factors)})")
     out = Path(out_dir) if out_dir else reports_dir() / spec.name
-    fig_dir = out / "figures"
-    shutil.rmtree(fig_dir, ignore_errors=True)  # no stale figure of an earlier, different report
-    fig_dir.mkdir(parents=True, exist_ok=True)
+    # Written into a directory of its own and swapped in whole, so a killed report never leaves a
+    # report.md that points at figures already deleted, nor a mix of two reports.
+    _recover(out)
+    work = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    fig_dir = work / "figures"
+    fig_dir.mkdir(parents=True)
 
     data = collect(spec, storage)
     try:
@@ -92,10 +117,13 @@ def report_stage(spec: StudySpec, storage: str | None = None, out_dir: str | Pat
                 log(f"[report] warning: figure {name} failed: {type(e).__name__}: {e}")
         storage_desc = f"`{masked(storage)}`" if storage else f"journal `{paths.runs_dir() / spec.name / 'optuna.journal'}`"
         doc = sections.document(a, figs, storage_desc, f"`{masked(tracking_uri())}`")
-        summary_frame(a).to_csv(out / "summary.csv", index=False)
-        html_path, _ = render.write(doc, out)
+        summary_frame(a).to_csv(work / "summary.csv", index=False)
+        render.write(doc, work)
+        _swap_in(work, out)
+        html_path = out / "report.html"
     finally:
         data.close()
+        shutil.rmtree(work, ignore_errors=True)
     if log_to_mlflow and data.parent_run_id:
         log_artifact_dir(data.parent_run_id, out, "report")
         log(f"[report] logged to the study's MLflow run {data.parent_run_id} (artifacts: report/report.html)")
