@@ -331,6 +331,12 @@ def _os_error(e: OSError) -> str:
     return f"{where}: {e.strerror or e}"
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    # torch: torch.OutOfMemoryError (CUDA; a RuntimeError), "DefaultCPUAllocator: can't allocate memory".
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     raise_on_sigterm()
@@ -344,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except OSError as e:  # the disk, not the input: say which file and what to do, not a traceback
         print(f"error: {_os_error(e)}", file=sys.stderr)
+        return EXIT_IO
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise  # a bug: its traceback is what a report needs
+        print("error: out of memory; lower train.batch_size or eval.batch_size (or model size), or free memory "
+              "used by other processes, then rerun the same command (finished epochs are kept)", file=sys.stderr)
         return EXIT_IO
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"

@@ -6,8 +6,10 @@ checkpoint, manifest, cache and result file of the pipeline goes through `atomic
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +27,23 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(e, path.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
+
+
+def _disk_full(e: BaseException, directory: Path) -> bool:
+    """torch.save reports a full disk as RuntimeError('unexpected pos …'); name it for what it is."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC and e.filename is None
+    if not isinstance(e, RuntimeError):
+        return False
+    try:
+        return shutil.disk_usage(directory).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 def remove_leftovers(directory: Path) -> list[Path]:

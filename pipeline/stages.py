@@ -122,7 +122,7 @@ def train_stage(
         check_reachable()  # one clear error in seconds, not minutes of MLflow's own retries mid-run
     splits = ensure_splits(cfg.data, log=log)
     info = _read_json(info_path) or {}
-    sink = _open_sink(cfg, info.get("run_id"), parent_run_id)
+    sink = _open_sink(cfg, info.get("run_id"), parent_run_id, {"run_dir": str(run_dir), **(extra_tags or {})})
     try:
         _attach(cfg, sink, info, run_dir, splits, on_run, extra_tags, log)
     except BaseException as e:
@@ -260,16 +260,22 @@ def _write_config(cfg: RunConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def _open_sink(cfg: RunConfig, run_id: str | None, parent_run_id: str | None):
+def _open_sink(cfg: RunConfig, run_id: str | None, parent_run_id: str | None, tags: dict[str, str]):
+    """The run's MLflow run: re-attached by id, else created with its run directory among its first tags, so
+    that one created by an attempt killed before it wrote run.json can still be found and ended."""
     if not cfg.tracking.enabled:
         from pipeline.tracking import NullRun
 
         return NullRun()
-    from pipeline.tracking import MlflowRun
+    from pipeline.tracking import MlflowRun, end_orphans
 
-    return MlflowRun(
+    sink = MlflowRun(
         cfg.tracking.experiment,
         run_name=cfg.tracking.run_name or cfg.describe(),
         run_id=run_id,
         parent_run_id=parent_run_id,
+        tags=tags if run_id is None else None,
     )
+    if not sink.resumed:
+        end_orphans(cfg.tracking.experiment, tags["run_dir"], keep=sink.run_id)
+    return sink

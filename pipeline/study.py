@@ -21,6 +21,7 @@ the pid and host of the worker, touched every few seconds.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -534,6 +535,8 @@ def run_trial(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, runs: l
             study.tell(trial, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             pass
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise  # every next trial would fail the same way: stop, say so; a rerun retries this one
         return "error"
     finally:
         heartbeat.stop()

@@ -387,6 +387,24 @@ class MlflowRun:
             raise error
 
 
+def end_orphans(experiment: str, run_dir: str, keep: str) -> list[str]:
+    """End the RUNNING runs of `run_dir` other than `keep`: attempts killed between creating their MLflow
+    run and recording it in run.json, which nothing would ever re-attach."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    quoted = run_dir.replace("'", "\\'")
+    found = c.search_runs([exp.experiment_id], f"tags.run_dir = '{quoted}' and attributes.status = 'RUNNING'")
+    ended = []
+    for run in found:
+        if run.info.run_id != keep:
+            c.set_tag(run.info.run_id, "failure_reason", "orphaned")
+            c.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
 def reopen_run(run_id: str) -> MlflowRun | None:
     """Attach to an existing run to add results without changing its status; None if it is gone."""
     try:

@@ -511,3 +511,24 @@ def test_a_journal_broken_before_its_end_or_a_directory_is_one_clear_error(home,
         run_study(spec, log=lambda *_: None)
     with pytest.raises(JournalError, match="is a directory"):
         open_storage(spec, str(tmp_path))
+
+
+def test_a_full_disk_stops_the_study_after_one_trial_instead_of_failing_them_all(home, monkeypatch):
+    import errno
+
+    from pipeline import study as study_mod
+    from pipeline.studyspec import load_study
+
+    calls = []
+
+    def no_space(*a, **kw):
+        calls.append(1)
+        raise OSError(errno.ENOSPC, "No space left on device", str(home / "runs" / "x" / "checkpoint.pt"))
+
+    monkeypatch.setattr(study_mod, "train_stage", no_space)
+    spec = load_study(_write_study(home, "full", {"objective.beta": [1, 2, 4]}))
+    with pytest.raises(OSError) as e:
+        study_mod.run_study(spec, log=lambda *_: None)
+    assert e.value.errno == errno.ENOSPC and calls == [1]
+    states = [t.state.name for t in _optuna_trials(home, "full")]
+    assert states == ["FAIL"]  # retried by the rerun, like any failed trial

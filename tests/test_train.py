@@ -493,3 +493,36 @@ def test_leftovers_of_killed_writes_are_removed_and_a_run_tracked_elsewhere_says
     messages.clear()
     train_stage(cfg, run_dir=home / "run", log=messages.append, progress=False)
     assert f"its MLflow run {first.run_id} is not in the current store sqlite:///{home / 'other.db'}" in messages[-1]
+
+
+def test_running_out_of_memory_is_one_line_and_other_runtime_errors_keep_their_traceback(monkeypatch, capsys):
+    from pipeline import cli
+
+    monkeypatch.setattr(cli, "raise_on_sigterm", lambda: None)
+
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 34359738368 bytes")
+
+    monkeypatch.setattr(cli, "_cmd_train", oom)
+    assert cli.main(["train"]) == cli.EXIT_IO
+    assert capsys.readouterr().err.startswith("error: out of memory; lower train.batch_size")
+
+    def bug(args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(cli, "_cmd_train", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["train"])
+
+
+def test_a_run_created_by_an_attempt_killed_before_run_json_is_ended_by_the_next(home):
+    from pipeline.tracking import MlflowRun, get_run
+
+    cfg = _cfg(experiment="orphan")
+    run_dir = (home / "run").resolve()
+    orphan = MlflowRun("orphan", tags={"run_dir": str(run_dir)})  # what the SIGKILLed attempt left RUNNING
+    result = train_stage(cfg, run_dir=run_dir, **QUIET)
+    assert result.run_id != orphan.run_id and get_run(result.run_id).info.status == "FINISHED"
+    left = get_run(orphan.run_id)
+    assert left.info.status == "KILLED" and left.data.tags["failure_reason"] == "orphaned"
