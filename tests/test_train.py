@@ -194,11 +194,12 @@ def test_sigkill_then_the_same_command_resumes_into_the_same_run(home):
     assert straight.status == "finished" and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_ends_the_run_killed_with_one_line_and_exit_143_then_resumes(home):
-    # What SLURM sends before it kills a job: handled like Ctrl-C, not a silent death.
+def test_sigterm_ends_the_run_killed_with_one_line_and_exit_143(home):
+    # What SLURM sends before it kills a job: handled like Ctrl-C, not a silent death. (Resuming after it is
+    # resuming after any interruption: the SIGKILL test above.)
     run_dir = home / "terminated"
     cmd = [sys.executable, "-m", "pipeline", "train", "--no-progress", "--run-dir", str(run_dir)]
-    cmd += [x for s in _cfg_args(["data.train_subset=2048", "train.epochs=3"]) for x in ("--set", s)]
+    cmd += [x for s in _cfg_args(["data.train_subset=1024", "train.epochs=4"]) for x in ("--set", s)]
     env = subprocess_env(home)
     proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -213,9 +214,7 @@ def test_sigterm_ends_the_run_killed_with_one_line_and_exit_143_then_resumes(hom
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     run = get_run(run_id)
     assert run.info.status == "KILLED" and run.data.tags["failure_reason"] == "interrupted"
-    out = subprocess.run(cmd, env=env, cwd=home, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and run_id in out.stdout, out.stdout + out.stderr
-    assert get_run(run_id).info.status == "FINISHED"
+    assert load_checkpoint(run_dir / CHECKPOINT)["epoch"] < 4  # the last complete epoch stays the checkpoint
 
 
 def test_ctrl_c_during_evaluation_is_an_interruption_not_a_failed_evaluation(home, monkeypatch):
