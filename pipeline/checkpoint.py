@@ -21,8 +21,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dic
     # weights_only=False: the checkpoint holds numpy/python RNG states; it is our own file.
     try:
         return torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise
+    except (OSError, MemoryError):
+        raise  # the disk or the machine, not the file's content: the CLI names those
     except Exception as e:  # truncated zip, bad pickle, I/O error: torch says each differently
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise CheckpointError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def ensure_classifier(data_cfg, splits: Splits, device: torch.device, log=print,
     model = FeatureClassifier().to(device)
     try:
         model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-    except Exception as e:  # a damaged cache (truncated, edited): it is ours to rebuild
+    except (RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:  # a damaged cache: ours to rebuild
         if retrain_if_damaged is False:
             raise
         log(f"[classifier] {path} cannot be read ({type(e).__name__}); training it again")

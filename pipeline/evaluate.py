@@ -324,6 +324,7 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     test_x = splits.test_x[:test_subset] if test_subset else splits.test_x
     # Binarized models are scored on one fixed binarization of the test set.
     test = DeviceData(test_x, dev, "static" if cfg.data.binarize != "none" else "none", static_seed=cfg.data.split_seed + 2)
+    k_arg, n_samples_arg = k, n_samples
     k = k or default_iwae_k(dev, model.autoregressive)
     n_samples = n_samples or default_n_samples(dev, model.autoregressive)
     other_sets = other_image_sets(cfg, splits, test_x, dev, cfg.eval.train_subset if train_subset is None else train_subset)
@@ -338,8 +339,10 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
                             classifier=classifier, test_labels=splits.test_y[: test.n], other_sets=other_sets)
     result["params"]["classifier_test_accuracy"] = classifier_info["test_accuracy"]
     m = result["metrics"]
+    settings = {"k": k_arg, "batch_size": batch_size, "mi_batch": mi_batch, "n_samples": n_samples_arg,
+                "test_subset": test_subset, "train_subset": train_subset}  # as asked, before defaults
     atomic_write_json({"checkpoint": str(checkpoint), "epoch": ck["epoch"], "step": ck["step"], "run_id": ck.get("run_id"),
-                       **result,
+                       "settings": settings, **result,
                        "artifacts": [str(p) for p in result.get("artifacts", [])]}, checkpoint.parent / METRICS_FILE)
     log(
         f"[evaluate] iwae_nll {m['test/iwae_nll']:.2f}  elbo {m['test/elbo']:.2f}  kl {m['test/kl']:.2f}  "
@@ -384,15 +387,17 @@ def other_image_sets(cfg: RunConfig, splits, test_x: torch.Tensor, dev: torch.de
     return out
 
 
-def record_saved_evaluation(checkpoint: Path, step: int, sink, log=print) -> bool:
-    """Finish recording an evaluation of this checkpoint that was saved to metrics.json in this MLflow run
-    but maybe not fully logged (the process died in between): log only the points the run lacks, so no
-    (key, step) is stored twice. False when there is no such evaluation (then evaluate as usual)."""
+def record_saved_evaluation(checkpoint: Path, step: int, sink, settings: dict, log=print) -> bool:
+    """Finish recording an evaluation of this checkpoint that was saved to metrics.json in this MLflow run,
+    with these `settings` (evaluate_stage's arguments), but maybe not fully logged (the process died in
+    between): log only the points the run lacks, so no (key, step) is stored twice. False when there is no
+    such evaluation (a user's own re-evaluation with other settings included): then evaluate as usual."""
     try:
         saved = json.loads((checkpoint.parent / METRICS_FILE).read_text())
     except (OSError, ValueError):
         return False
-    if sink.run_id is None or saved.get("run_id") != sink.run_id or saved.get("step") != step:
+    if (sink.run_id is None or saved.get("run_id") != sink.run_id or saved.get("step") != step
+            or saved.get("settings") != settings):
         return False
     log(f"[evaluate] {checkpoint}: evaluated before the last interruption; recording what the run lacks")
     saved["artifacts"] = [Path(p) for p in saved.get("artifacts", []) if Path(p).exists()]

@@ -28,8 +28,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        full = _disk_full(e, path.parent)  # before the partial file gives its space back
         Path(tmp).unlink(missing_ok=True)
-        if _disk_full(e, path.parent):
+        if full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
         raise
 
@@ -37,7 +38,7 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 def _disk_full(e: BaseException, directory: Path) -> bool:
     """torch.save reports a full disk as RuntimeError('unexpected pos …'); name it for what it is."""
     if isinstance(e, OSError):
-        return e.errno == errno.ENOSPC and e.filename is None
+        return e.errno in (errno.ENOSPC, errno.EDQUOT) and e.filename is None
     if not isinstance(e, RuntimeError):
         return False
     try:

@@ -86,6 +86,10 @@ def train_stage(
     run_dir = (Path(run_dir) if run_dir else default_run_dir(cfg)).resolve()
     ckpt_path, result_path, info_path = run_dir / CHECKPOINT, run_dir / RESULT, run_dir / RUN_INFO
 
+    if cfg.tracking.enabled:
+        from pipeline.tracking import check_reachable
+
+        check_reachable()  # one clear error in seconds, before anything asks the store (or retries for minutes)
     if run_dir.is_dir():
         remove_leftovers(run_dir)  # this stage owns its run directory (a study claims it first)
     if mode == "restart":
@@ -116,10 +120,6 @@ def train_stage(
     elif mode == "resume":
         raise RunDirError(f"nothing to resume: {ckpt_path} does not exist; drop --resume to start this run")
 
-    if cfg.tracking.enabled:
-        from pipeline.tracking import check_reachable
-
-        check_reachable()  # one clear error in seconds, not minutes of MLflow's own retries mid-run
     splits = ensure_splits(cfg.data, log=log)
     info = _read_json(info_path) or {}
     sink = _open_sink(cfg, info.get("run_id"), parent_run_id, {"run_dir": str(run_dir), **(extra_tags or {})})
@@ -129,9 +129,7 @@ def train_stage(
         # The MLflow run exists from here on: it must not stay RUNNING because, say, the run directory is
         # read-only. Ended, it is re-attached by the next attempt through run.json, or left as a record.
         interrupted = isinstance(e, KeyboardInterrupt)
-        with contextlib.suppress(Exception):  # the store itself may be what failed; the cause goes up
-            sink.end("KILLED" if interrupted else "FAILED",
-                     tags={"failure_reason": "interrupted" if interrupted else f"error: {type(e).__name__}"})
+        _end_quietly(sink, "KILLED" if interrupted else "FAILED", "interrupted" if interrupted else f"error: {type(e).__name__}")
         raise
 
     try:
@@ -152,28 +150,36 @@ def train_stage(
         log(f"[train] DIVERGED: {e}; {kept}. MLflow run {sink.run_id} is marked FAILED (failure_reason=diverged)")
         return result
     except KeyboardInterrupt:
-        sink.end("KILLED", tags={"failure_reason": "interrupted"})
+        _end_quietly(sink, "KILLED", "interrupted")
         raise
     except BaseException as e:
-        sink.end("FAILED", tags={"failure_reason": f"error: {type(e).__name__}"})
+        _end_quietly(sink, "FAILED", f"error: {type(e).__name__}")
         raise
 
     sink.log_artifact(ckpt_path, "checkpoint")
     try:
-        if cfg.eval.enabled and not record_saved_evaluation(ckpt_path, result.steps_done, sink, log):
-            e = cfg.eval
-            evaluate_stage(ckpt_path, k=e.iwae_k, batch_size=e.batch_size, mi_batch=e.mi_batch, n_samples=e.n_samples,
-                           test_subset=e.test_subset, train_subset=e.train_subset, device=cfg.train.device, log=log, sink=sink, splits=splits)
+        e = cfg.eval
+        settings = {"k": e.iwae_k, "batch_size": e.batch_size, "mi_batch": e.mi_batch, "n_samples": e.n_samples,
+                    "test_subset": e.test_subset, "train_subset": e.train_subset}
+        if e.enabled and not record_saved_evaluation(ckpt_path, result.steps_done, sink, settings, log):
+            evaluate_stage(ckpt_path, **settings, device=cfg.train.device, log=log, sink=sink, splits=splits)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: an interruption, not a failed evaluation
-        sink.end("KILLED", tags={"failure_reason": "interrupted"})
+        _end_quietly(sink, "KILLED", "interrupted")
         raise
     except BaseException as exc:
         # Training is complete and checkpointed; a rerun skips to evaluating again.
-        sink.end("FAILED", tags={"failure_reason": f"evaluation error: {type(exc).__name__}"})
+        _end_quietly(sink, "FAILED", f"evaluation error: {type(exc).__name__}")
         raise
     sink.end("FINISHED")
     atomic_write_json({**asdict(result), "config_hash": cfg.result_hash()}, result_path)
     return result
+
+
+def _end_quietly(sink, status: str, reason: str) -> None:
+    """End the run on a failure path; if the store fails too (a full disk holds mlflow.db as well), the
+    original error is the one to report, so the store's is dropped."""
+    with contextlib.suppress(Exception):
+        sink.end(status, tags={"failure_reason": reason})
 
 
 def _attach(cfg: RunConfig, sink, info: dict, run_dir: Path, splits, on_run, extra_tags, log) -> None:
@@ -274,7 +280,7 @@ def _open_sink(cfg: RunConfig, run_id: str | None, parent_run_id: str | None, ta
         run_name=cfg.tracking.run_name or cfg.describe(),
         run_id=run_id,
         parent_run_id=parent_run_id,
-        tags=tags if run_id is None else None,
+        tags=tags,  # a re-attached run just gets them set again
     )
     if not sink.resumed:
         end_orphans(cfg.tracking.experiment, tags["run_dir"], keep=sink.run_id)

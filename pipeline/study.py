@@ -214,7 +214,8 @@ def _claim_lock(spec: StudySpec, study: optuna.Study):
         return
     # A journal elsewhere (--storage /shared/x.journal) is locked next to itself, for every machine.
     journal = getattr(storage, "_file_path", None)  # storage is the journal backend here
-    lock = Path(journal + ".lock") if journal and not Path(journal).is_relative_to(study_dir(spec)) else None
+    # Not `<journal>.lock`: that name is Optuna's own writer lock (a symlink it force-deletes after 30 s).
+    lock = Path(journal + ".claim.lock") if journal and not Path(journal).is_relative_to(study_dir(spec)) else None
     with _locked(lock or study_dir(spec) / "claim.lock"):
         yield
 
@@ -406,10 +407,11 @@ def _is_parent_of(spec: StudySpec, run_id: str | None) -> bool:
     from pipeline.tracking import client
 
     try:
-        tags = client().get_run(run_id).data.tags
+        run = client().get_run(run_id)
     except Exception:  # not in this store (another MLFLOW_TRACKING_URI), or deleted
         return False
-    return tags.get("role") == "study" and tags.get("study") == spec.name
+    tags = run.data.tags
+    return run.info.lifecycle_stage == "active" and tags.get("role") == "study" and tags.get("study") == spec.name
 
 
 def _close_parent(spec: StudySpec, study: optuna.Study, log=print) -> None:

@@ -394,8 +394,8 @@ def end_orphans(experiment: str, run_dir: str, keep: str) -> list[str]:
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    quoted = run_dir.replace("'", "\\'")
-    found = c.search_runs([exp.experiment_id], f"tags.run_dir = '{quoted}' and attributes.status = 'RUNNING'")
+    quoted = f'"{run_dir}"' if "'" in run_dir else f"'{run_dir}'"  # MLflow's filter has no escapes
+    found = c.search_runs([exp.experiment_id], f"tags.run_dir = {quoted} and attributes.status = 'RUNNING'")
     ended = []
     for run in found:
         if run.info.run_id != keep:

@@ -176,3 +176,28 @@ def test_a_kill_after_the_evaluation_was_recorded_never_stores_a_test_point_twic
     assert result.status == "finished" and run.info.status == "FINISHED"
     for key in ("test/elbo", "test/iwae_nll", "trainset/elbo", "test/iwae_k"):
         assert len(client().get_metric_history(result.run_id, key)) == 1, key
+
+
+def test_a_users_own_reevaluation_is_not_taken_for_the_runs_evaluation(home, monkeypatch):
+    """Evaluation inside training failed; the user evaluated the checkpoint with other settings; the rerun of
+    the training must evaluate with the run's own settings, not adopt the user's metrics.json."""
+    from pipeline import evaluate as ev
+    from pipeline.stages import train_stage as stage
+
+    cfg = build_config(overrides=[*TRAIN_SMALL, *EVAL_SMALL])
+    real = ev.evaluate_model
+
+    def fails(*a, **kw):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(ev, "evaluate_model", fails)
+    with pytest.raises(RuntimeError):
+        stage(cfg, progress=False, **QUIET)
+    monkeypatch.setattr(ev, "evaluate_model", real)
+    run_dir = next((home / "runs").rglob(CHECKPOINT)).parent
+    evaluate_stage(run_dir, k=2, test_subset=100, n_samples=50, **QUIET)  # the user's look, same MLflow run
+    calls = []
+    monkeypatch.setattr(ev, "evaluate_model", lambda *a, **kw: calls.append(kw["k"]) or real(*a, **kw))
+    stage(cfg, progress=False, **QUIET)
+    assert calls == [8]  # the run's own eval.iwae_k, evaluated again
+    assert json.loads((run_dir / METRICS_FILE).read_text())["params"]["test_images"] == 400

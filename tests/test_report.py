@@ -196,7 +196,18 @@ def test_a_report_killed_while_writing_leaves_the_previous_one_whole(study, monk
     with pytest.raises(KeyboardInterrupt):
         report_stage(study.spec, log=lambda *_: None, log_to_mlflow=False)
     assert snapshot() == before
-    assert not list(study.full.parent.glob(".report_t.*"))  # nothing half-written left behind
+    assert not list(study.full.glob(".*"))  # nothing half-written left behind
+
+
+def test_a_report_replaces_only_its_own_files_in_out(study, tmp_path):
+    from pipeline.report import report_stage
+
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    html = report_stage(study.spec, out_dir=out, log=lambda *_: None, log_to_mlflow=False)
+    assert html == out.resolve() / "report.html" and (out / "thesis.tex").read_text() == "mine"
+    assert (out / "figures" / "kl_per_dimension.png").exists() and not list(out.glob(".*"))
 
 
 # --- the HTML in a real browser ---------------------------------------------------------------------

@@ -413,7 +413,8 @@ def test_a_journal_outside_the_study_directory_is_locked_next_to_itself(home, tm
     with _claim_lock(spec, open_study(spec, open_storage(spec, str(shared)))):
         pass
     # Every machine that mounts the journal sees this lock; a lock in the local runs/ would not be shared.
-    assert (shared.parent / "study.journal.lock").exists()
+    assert (shared.parent / "study.journal.claim.lock").exists()
+    assert not (shared.parent / "study.journal.lock").exists()  # Optuna's writer lock, released
     assert not (study_dir(spec) / "claim.lock").exists()
 
 
@@ -491,10 +492,28 @@ def test_a_torn_last_journal_record_is_set_aside_and_the_study_resumes(home):
     progress = run_study(spec, log=messages.append)
     assert progress.done == {0, 1}
     copies = list(journal.parent.glob("optuna.journal.torn-*"))
-    assert len(copies) == 1 and copies[0].read_bytes() == torn  # the journal as it was, kept
+    assert len(copies) == 1 and whole + copies[0].read_bytes() == torn  # the bytes cut, kept
     assert journal.read_bytes().startswith(whole) and journal.read_bytes().endswith(b"\n")
     assert [row["state"] for row in status_rows(spec)] == ["COMPLETE", "COMPLETE"]
     _check_study_integrity(home, "torn", 2, steps_per_trial=4)
+
+
+def test_an_append_after_a_torn_record_cuts_it_first(tmp_path):
+    """A full disk often lets part of a record through while the process lives on: its heartbeat thread (or
+    another worker) appends next, and that must not land on the torn line."""
+    import json as json_
+
+    from pipeline.journal import RepairingJournalBackend
+
+    path = tmp_path / "x.journal"
+    backend = RepairingJournalBackend(str(path))
+    backend.append_logs([{"op_code": 0, "worker_id": "a", "study_name": "s", "directions": [1]}])
+    with open(path, "ab") as f:
+        f.write(b'{"op_code": 5, "worker_id": "a", "trial_id": 0, "dat')  # the disk filled up here
+    backend.append_logs([{"op_code": 1, "worker_id": "a", "study_id": 0, "user_attr": {"k": 1}}])
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 2 and all(json_.loads(line) for line in lines)
+    assert list(tmp_path.glob("x.journal.torn-*"))
 
 
 def test_a_journal_broken_before_its_end_or_a_directory_is_one_clear_error(home, tmp_path):

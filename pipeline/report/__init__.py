@@ -57,23 +57,42 @@ def summary_frame(a):
     return s[head + [c for c in s.columns if c not in head]].sort_values("rank", kind="stable")
 
 
+REPORT_FILES = ("summary.csv", "report.md", "report.html")  # replaced last, after figures/
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _recover(out: Path) -> None:
-    """Undo what a killed report left: its half-written directory, and the earlier report set aside
-    for a swap that did not finish (put back when nothing replaced it)."""
-    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
+    """Undo what a killed report left in `out`: its half-written directory, and the earlier figures set
+    aside for a swap that did not finish (put back when nothing replaced them). Another live report's
+    work is left alone."""
+    for leftover in sorted(out.glob(".figures-old-*")) + sorted(out.glob(".writing-*")):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        if leftover.name.startswith(".figures-old-") and not (out / "figures").exists():
+            os.rename(leftover, out / "figures")
         else:
-            os.rename(old, out)
-    for work in out.parent.glob(f".{out.name}.writing-*"):
-        shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _swap_in(new: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(new, out)
+def _swap_in(work: Path, out: Path) -> None:
+    """Move the report written in `work` into `out`: figures/ by two renames, then each file atomically.
+    Only the report's own files are touched: `--out` may hold other files."""
+    figures, old = out / "figures", out / f".figures-old-{os.getpid()}"
+    if figures.exists():
+        os.rename(figures, old)
+    os.rename(work / "figures", figures)
+    for name in REPORT_FILES:
+        os.replace(work / name, out / name)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -91,11 +110,12 @@ def report_stage(spec: StudySpec, storage: str | None = None, out_dir: str | Pat
     if interaction is not None and (len(set(interaction)) != 2 or not set(interaction) <= set(spec.factors)):
         raise ReportError(f"--interaction {' '.join(interaction)}: name two different factors of study "
                           f"{spec.name!r} ({', '.join(spec.factors)})")
-    out = Path(out_dir) if out_dir else reports_dir() / spec.name
-    # Written into a directory of its own and swapped in whole, so a killed report never leaves a
-    # report.md that points at figures already deleted, nor a mix of two reports.
+    out = (Path(out_dir) if out_dir else reports_dir() / spec.name).resolve()
+    # Written into a directory of its own and swapped in, so a killed report never leaves a report.md
+    # that points at figures already deleted.
+    out.mkdir(parents=True, exist_ok=True)
     _recover(out)
-    work = out.with_name(f".{out.name}.writing-{os.getpid()}")
+    work = out / f".writing-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     fig_dir = work / "figures"
     fig_dir.mkdir(parents=True)
