@@ -166,7 +166,7 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -184,7 +184,7 @@ def worker_alive(trial: optuna.trial.FrozenTrial, stale_after: float = STALE_AFT
         return False
     if worker.get("host") == _host_key():
         pid = int(worker["pid"])
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return False
         if not Path("/proc").is_dir():  # no procfs: the pid alone
             return True
@@ -375,10 +375,11 @@ def _parent_run(spec: StudySpec, study: optuna.Study, trials_total: int) -> str 
     info_path = study_dir(spec) / "parent.json"
     with _claim_lock(spec, study):
         run_id = study.user_attrs.get("mlflow_parent_run_id")
-        if run_id is None and _is_parent_of(spec, _kept_parent_id(spec)):
+        kept = _kept_parent_id(spec) if run_id is None else None
+        if kept is not None and _is_parent_of(spec, kept):
             # The Optuna storage was lost or replaced (a deleted journal): the parent kept on disk is still
             # this study's, so its trials go on under it instead of under a second parent.
-            run_id = _kept_parent_id(spec)
+            run_id = kept
             study.set_user_attr("mlflow_parent_run_id", run_id)
         if run_id is None:
             from pipeline.tracking import MlflowRun

@@ -236,18 +236,24 @@ def _cfg_args(extra):
     return [*SMALL, "tracking.experiment=t", *extra]
 
 
-@pytest.fixture
-def nan_likelihood(monkeypatch):
-    """A registry entry that turns non-finite after 20 calls: 8 steps + 5 val batches, then step 15."""
+def _bernoulli_scaled_after_20_calls(monkeypatch, name: str, factor: float) -> str:
+    """A registry entry whose log-likelihood is multiplied by `factor` after 20 calls: 8 steps + 5 val
+    batches of epoch 1, then step 15."""
     calls = {"n": 0}
 
     def log_prob(params, x, opts):
         calls["n"] += 1
         lp = bernoulli_log_prob(params, x, opts)
-        return LogProb(lp.log_px * float("nan")) if calls["n"] > 20 else lp
+        return LogProb(lp.log_px * factor) if calls["n"] > 20 else lp
 
-    monkeypatch.setitem(LIKELIHOODS, "nan_after_20", Likelihood(1, log_prob, bernoulli_mean, True, "test"))
-    return "nan_after_20"
+    monkeypatch.setitem(LIKELIHOODS, name, Likelihood(1, log_prob, bernoulli_mean, True, "test"))
+    return name
+
+
+@pytest.fixture
+def nan_likelihood(monkeypatch):
+    """Turns non-finite at step 15."""
+    return _bernoulli_scaled_after_20_calls(monkeypatch, "nan_after_20", float("nan"))
 
 
 def test_divergence_ends_failed_with_reason_and_keeps_last_good_checkpoint(home, nan_likelihood):
@@ -287,16 +293,8 @@ def test_the_divergence_guard_on_known_answers():
 
 @pytest.fixture
 def exploding_likelihood(monkeypatch):
-    """Finite but exploding: the NLL grows ×10⁶ after 20 calls (8 steps + 5 val batches, then step 15)."""
-    calls = {"n": 0}
-
-    def log_prob(params, x, opts):
-        calls["n"] += 1
-        lp = bernoulli_log_prob(params, x, opts)
-        return LogProb(lp.log_px * 1e6) if calls["n"] > 20 else lp
-
-    monkeypatch.setitem(LIKELIHOODS, "explodes_after_20", Likelihood(1, log_prob, bernoulli_mean, True, "test"))
-    return "explodes_after_20"
+    """Finite but exploding: the NLL grows ×10⁶ from step 15."""
+    return _bernoulli_scaled_after_20_calls(monkeypatch, "explodes_after_20", 1e6)
 
 
 def test_finite_divergence_ends_diverged_like_a_nan(home, exploding_likelihood, monkeypatch):

@@ -22,6 +22,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.errors import masked
 from pipeline.report.analysis import ReportError
+from pipeline.study import pid_alive
 from pipeline.studyspec import StudySpec
 
 __all__ = ["ReportError", "report_stage", "reports_dir"]
@@ -60,23 +61,13 @@ def summary_frame(a):
 REPORT_FILES = ("summary.csv", "report.md", "report.html")  # replaced last, after figures/
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _recover(out: Path) -> None:
     """Undo what a killed report left in `out`: its half-written directory, and the earlier figures set
     aside for a swap that did not finish (put back when nothing replaced them). Another live report's
     work is left alone."""
     for leftover in sorted(out.glob(".figures-old-*")) + sorted(out.glob(".writing-*")):
         pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+        if pid.isdigit() and pid_alive(int(pid)) and int(pid) != os.getpid():
             continue
         if leftover.name.startswith(".figures-old-") and not (out / "figures").exists():
             os.rename(leftover, out / "figures")

@@ -46,10 +46,6 @@ def gaps_present(a: Analysis) -> list[str]:
     return [g for g in GAPS if f"{g}.mean" in a.summary and a.summary[f"{g}.mean"].notna().any()]
 
 
-def _fmt(row: pd.Series, key: str) -> str:
-    return mean_ci(row, key)
-
-
 def image_se(a: Analysis) -> pd.Series:
     """Per config (point), the image-sampling standard error of the train-set − test ELBO gap,
     √(s_train²/n_train + s_test²/n_test) from each run's per-image ELBO spread, averaged over its runs.
@@ -68,9 +64,9 @@ def _table(a: Analysis, gaps: list[str]) -> Table:
     rows = []
     se = image_se(a)
     for _, r in a.summary.iterrows():
-        row = {"config": r.config, "seeds": int(r.n_runs), "test ELBO": _fmt(r, "test/elbo")}
+        row = {"config": r.config, "seeds": int(r.n_runs), "test ELBO": mean_ci(r, "test/elbo")}
         for g in gaps:
-            row[F.metric_label(g)] = _fmt(r, g)
+            row[F.metric_label(g)] = mean_ci(r, g)
             if g == "gap/train_test_elbo":
                 value = se.get(r.point, np.nan)
                 row["its image s.e."] = f"{value:.3g}" if np.isfinite(value) else "–"
@@ -96,7 +92,7 @@ def _findings(a: Analysis, gaps: list[str]) -> list[str]:
         positive, negative = GAP_MEANING[g]
         above, below = have & (lo > 0), have & (hi < 0)
         i = int(np.nanargmax(np.abs(np.where(have, mean, np.nan))))
-        largest = f"largest in {s.config.iloc[i]}: {_fmt(s.iloc[i], g)}"
+        largest = f"largest in {s.config.iloc[i]}: {mean_ci(s.iloc[i], g)}"
         if not np.isfinite(lo[have]).any():
             out.append(f"**{label}**: {largest}; one seed per config, so no interval says whether it differs from 0.")
             continue
