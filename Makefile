@@ -103,8 +103,9 @@ test: setup ## set up and run the test suite (CPU, a few minutes)
 	@$(DEBIAN_POSTGRES)
 	$(PY) -m pytest -q
 
-bench: setup ## training throughput vs a DataLoader loop and vs tracking off, PixelCNN sampling speed, report time, study trials/hour on PostgreSQL; writes bench/RESULTS.md
+bench: setup ## training throughput vs a DataLoader loop and vs tracking off, metric ingest, PixelCNN sampling speed, report time, study trials/hour on PostgreSQL; writes bench/RESULTS.md
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_tracking.py
 	$(PY) bench/bench_sampling.py
 	$(PY) bench/bench_report.py
 	$(PY) bench/bench_study.py

@@ -1,8 +1,8 @@
 """MLflow, and nothing else imports it: runs, buffered background metric logging, artifacts.
 
 Per-step metrics arrive in blocks (the trainer buffers them on the device) and are written by a
-background process with ``log_batch``, so the training loop never waits on the store. The trainer
-flushes before each checkpoint; a SIGKILL loses only points after it (the writer dies with its
+background process, so the training loop never waits on the store: into a local SQLite store with bulk
+inserts (pipeline.metric_store), elsewhere with ``log_batch``. The trainer flushes before each checkpoint; a SIGKILL loses only points after it (the writer dies with its
 trainer), which a resume recomputes, and ``last_steps`` tells it which points the store already
 holds, so no (metric, step) is ever written twice.
 """
@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -166,11 +167,22 @@ def _die_with_parent() -> None:
         pass  # elsewhere the parent-pid check in the loop does the job within a second
 
 
-def _writer_main(uri: str, blocks, errors, n_errors, done, parent_pid: int) -> None:
-    """The writer process: (run_id, [(key, value, ms, step), …]) blocks → log_batch calls.
+_POINTS_PER_TRANSACTION = 50_000  # drained blocks stored together; the store's write lock held < ~0.5 s
 
-    At the lowest CPU priority: MLflow's SQL store spends ~0.2 ms of CPU per point, which this
-    way fills the gaps the trainer's threads leave instead of preempting them.
+
+def _api_write(c: MlflowClient, run_id: str, ts: int, columns: list) -> None:
+    metrics = [Metric(key, v, ts, first + i) for key, first, values in columns for i, v in enumerate(values)]
+    for i in range(0, len(metrics), _BATCH_LIMIT):
+        c.log_batch(run_id, metrics=metrics[i : i + _BATCH_LIMIT], synchronous=True)
+
+
+def _writer_main(uri: str, blocks, errors, n_errors, done, parent_pid: int, fast: bool) -> None:
+    """The writer process: blocks (run_id, timestamp_ms, [(key, first_step, [value, …]), …]) → the store.
+
+    On a SQLite store whose schema pipeline.metric_store knows, blocks go in with bulk inserts, all the
+    blocks waiting in the queue in one transaction (bench/RESULTS.md: ~10× log_batch); elsewhere through
+    `log_batch`. At the lowest CPU priority, so the store's work fills the gaps the trainer's threads
+    leave instead of preempting them.
     """
     _die_with_parent()
     # Ctrl-C reaches the whole process group; the trainer handles it and ends its run, which flushes this
@@ -181,8 +193,22 @@ def _writer_main(uri: str, blocks, errors, n_errors, done, parent_pid: int) -> N
         os.nice(19)
     except OSError:
         pass
+    from pipeline.metric_store import open_fast_store, sqlite_path
+
+    store, why_not = open_fast_store(uri) if fast else (None, "")
+    if fast and store is None and sqlite_path(uri) is not None:
+        print(f"[tracking] storing metrics through MLflow's API (slower): {why_not}", file=sys.stderr, flush=True)
     c = MlflowClient(uri)
     failed_runs: set[str] = set()
+
+    def fail(run_id: str, message: str) -> None:
+        failed_runs.add(run_id)
+        errors.put((run_id, message))
+        # Counted before `done`: once a flush has seen a block done, the trainer knows how many error
+        # reports are on their way (a queue's put returns before the item can be read).
+        with n_errors.get_lock():
+            n_errors.value += 1
+
     while True:
         try:
             item = blocks.get(timeout=1.0)
@@ -190,25 +216,37 @@ def _writer_main(uri: str, blocks, errors, n_errors, done, parent_pid: int) -> N
             if os.getppid() != parent_pid:
                 return  # orphaned: the trainer died, and a resume resends what is missing
             continue
-        if item is None:
-            return
-        run_id, block = item
+        batch, stop = [], item is None
+        while item is not None:
+            batch.append(item)
+            if store is None or sum(len(v) for b in batch for _, _, v in b[2]) >= _POINTS_PER_TRANSACTION:
+                break
+            try:
+                item = blocks.get_nowait()
+            except queue.Empty:
+                break
+            stop = item is None
+        # Never store points after a gap: a resume resends from the first missing step.
+        todo = [b for b in batch if b[0] not in failed_runs]
         try:
-            if run_id in failed_runs:
-                continue  # never store points after a gap: a resume resends from the first missing step
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in block]
-            for i in range(0, len(metrics), _BATCH_LIMIT):
-                c.log_batch(run_id, metrics=metrics[i : i + _BATCH_LIMIT], synchronous=True)
-        except Exception as e:  # reported to the trainer, which stops and can resume later
-            failed_runs.add(run_id)
-            errors.put((run_id, f"{type(e).__name__}: {e}"))
-            # Counted before `done`: once a flush has seen a block done, the trainer knows how many error
-            # reports are on their way (a queue's put returns before the item can be read).
-            with n_errors.get_lock():
-                n_errors.value += 1
+            if store is not None:
+                for run_id, reason in store.write(todo).items():
+                    fail(run_id, f"MlflowException: {reason}")
+            else:
+                for run_id, ts, columns in todo:
+                    if run_id not in failed_runs:
+                        try:
+                            _api_write(c, run_id, ts, columns)
+                        except Exception as e:  # reported to the trainer, which stops and can resume later
+                            fail(run_id, f"{type(e).__name__}: {e}")
+        except Exception as e:  # the database refused the whole transaction
+            for run_id in {b[0] for b in todo}:
+                fail(run_id, f"{type(e).__name__}: {e}")
         finally:
             with done.get_lock():
-                done.value += 1
+                done.value += len(batch)
+        if stop:
+            return
 
 
 class _MetricWriter:
@@ -218,9 +256,9 @@ class _MetricWriter:
     training loop's own Python (measured: the whole writer cost then lands on the loop).
     """
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, fast: bool = True):
         ctx = mp.get_context("spawn")  # fork would clone the trainer's threads and DB connections
-        self.uri = uri
+        self.uri, self.fast = uri, fast
         self.blocks = ctx.Queue(maxsize=10_000)  # bounded: a trainer far ahead of the store waits
         self.errors = ctx.Queue()
         self.n_errors = ctx.Value("q", 0)  # error reports put so far; self.received of them read
@@ -230,14 +268,14 @@ class _MetricWriter:
         self.failed: dict[str, str] = {}
         self.proc = ctx.Process(
             target=_writer_main,
-            args=(uri, self.blocks, self.errors, self.n_errors, self.done, os.getpid()),
+            args=(uri, self.blocks, self.errors, self.n_errors, self.done, os.getpid(), fast),
             name="mlflow-metric-writer",
             daemon=True,
         )
         self.proc.start()
 
-    def put(self, run_id: str, block: list) -> None:
-        self.blocks.put((run_id, block))
+    def put(self, run_id: str, ts: int, columns: list) -> None:
+        self.blocks.put((run_id, ts, columns))
         self.sent += 1
 
     def error_for(self, run_id: str) -> str | None:
@@ -271,14 +309,15 @@ class _MetricWriter:
 _writers: dict[str, _MetricWriter] = {}
 
 
-def _writer_for(uri: str) -> _MetricWriter:
+def _writer_for(uri: str, fast: bool | None = None) -> _MetricWriter:
+    """The writer of `uri`, started if needed; `fast` False forces MLflow's API (benchmarks, tests)."""
     w = _writers.get(uri)
-    if w is None or not w.proc.is_alive():
+    if w is None or not w.proc.is_alive() or (fast is not None and w.fast != fast):
         for other in list(_writers.values()):  # one store at a time; don't leave idle writers around
             other.flush()
             other.close()
         _writers.clear()
-        w = _writers[uri] = _MetricWriter(uri)
+        w = _writers[uri] = _MetricWriter(uri, fast=fast is not False)
     return w
 
 
@@ -296,6 +335,7 @@ class MlflowRun:
     ):
         self.client = client()
         self.resumed = False
+        self.store_wait_s = 0.0  # time the trainer spent waiting for the store: queue full, or flushing
         if run_id is not None:
             try:
                 run = self.client.get_run(run_id)
@@ -345,22 +385,42 @@ class MlflowRun:
     def log_metrics(self, rows: Iterable[tuple[str, float, int]]) -> None:
         """Queue (key, value, step) points; returns at once unless storing earlier ones failed."""
         self._raise_if_failed()  # stop now: a resume resends from the last checkpoint
-        now = int(time.time() * 1000)
-        block = [(k, float(v), now, int(s)) for k, v, s in rows]
-        if block:
-            self._writer.put(self.run_id, block)
+        columns = [(k, int(s), [float(v)]) for k, v, s in rows]
+        if columns:
+            self._put(columns)
+
+    def log_columns(self, columns: list[tuple[str, int, list[float]]]) -> None:
+        """Queue (key, first_step, [value, …]) columns of consecutive steps: the trainer's per-step blocks."""
+        self._raise_if_failed()
+        columns = [(k, int(first), values) for k, first, values in columns if values]
+        if columns:
+            self._put(columns)
+
+    def _put(self, columns: list) -> None:
+        t0 = time.perf_counter()
+        self._writer.put(self.run_id, int(time.time() * 1000), columns)  # waits only when the queue is full
+        self.store_wait_s += time.perf_counter() - t0
 
     def flush(self) -> None:
+        t0 = time.perf_counter()
         self._writer.flush()
+        self.store_wait_s += time.perf_counter() - t0
         self._raise_if_failed()
 
     def last_steps(self, keys: Iterable[str]) -> dict[str, int]:
         """Largest step already stored per key (−1 where none): what a resumed run must not resend."""
-        out = {}
-        for k in keys:
-            hist = self.client.get_metric_history(self.run_id, k)
-            out[k] = max((m.step for m in hist), default=-1)
-        return out
+        keys = list(keys)
+        engine = _sql_engine(self.client)
+        if engine is None:  # a tracking server
+            return {k: max((m.step for m in self.client.get_metric_history(self.run_id, k)), default=-1)
+                    for k in keys}
+        from sqlalchemy import bindparam, text
+
+        query = text("SELECT key, MAX(step) FROM metrics WHERE run_uuid = :run AND key IN :keys GROUP BY key")
+        with engine.connect() as conn:
+            found = dict(conn.execute(query.bindparams(bindparam("keys", expanding=True)),
+                                      {"run": self.run_id, "keys": keys}).all())
+        return {k: int(found[k]) if found.get(k) is not None else -1 for k in keys}
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -419,10 +479,12 @@ class NullRun:
 
     run_id = None
     resumed = False
+    store_wait_s = 0.0
 
     def log_params(self, params): ...
     def set_tags(self, tags): ...
     def log_metrics(self, rows): ...
+    def log_columns(self, columns): ...
     def flush(self): ...
     def last_steps(self, keys):
         return {k: -1 for k in keys}
@@ -461,6 +523,11 @@ def study_runs(experiment: str, study: str | None = None) -> list[dict]:
             return records
 
 
+def _sql_engine(c: MlflowClient):
+    """The SQLAlchemy engine of a SQL store opened directly; None for a tracking server."""
+    return getattr(getattr(getattr(c, "_tracking_client", None), "store", None), "engine", None)
+
+
 def binned_metric_histories(run_ids: list[str], keys: list[str], bins: int) -> list[tuple[str, str, float, float]]:
     """(run_id, key, mean step, mean value) per step bin, NaN points left out. The bins have one width
     for all runs, ⌈(longest run's last step + 1) / bins⌉, so curves of one study share their x grid.
@@ -472,7 +539,7 @@ def binned_metric_histories(run_ids: list[str], keys: list[str], bins: int) -> l
     if not run_ids or not keys:
         return []
     c = client()
-    engine = getattr(getattr(getattr(c, "_tracking_client", None), "store", None), "engine", None)
+    engine = _sql_engine(c)
     if engine is None:  # a tracking server: one call per (run, key), several in flight (they wait on the network)
         from concurrent.futures import ThreadPoolExecutor
 

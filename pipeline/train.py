@@ -251,6 +251,7 @@ def fit(
     fixed_seed = tc.seed + 12345
     images_per_s = None
 
+    store_wait_s = sink.store_wait_s
     for epoch in range(start_epoch, tc.epochs + 1):
         step0 = (epoch - 1) * steps_per_epoch
         perm = _epoch_permutation(n, tc.seed, epoch).to(device)
@@ -337,6 +338,13 @@ def fit(
             f"[train] epoch {epoch}/{tc.epochs}  val/elbo {val['val/elbo']:.2f}  val/recon_nll {val['val/recon_nll']:.2f}"
             f"  val/kl {val['val/kl']:.2f}  {images_per_s:,.0f} img/s"
         )
+        waited, store_wait_s = sink.store_wait_s - store_wait_s, sink.store_wait_s
+        epoch_s = time.perf_counter() - t0
+        if waited > max(1.0, 0.1 * epoch_s):
+            # Back-pressure, never dropped or thinned points: say so, the user may want a faster store.
+            log(f"[train] epoch {epoch}: {waited:.1f} s of {epoch_s:.1f} s waiting for the tracking store to take "
+                "the per-step metrics (every point is stored; a local SQLite store takes them fastest, see README "
+                "'Tracking')")
         if on_epoch:
             on_epoch(history[-1])
 
@@ -353,12 +361,13 @@ def fit(
 
 
 def _send(sink, keys, block: torch.Tensor, first_step: int, already: dict[str, int]) -> None:
-    rows = []
-    values = block.tolist()
-    for r, row in enumerate(values):
-        step = first_step + r
-        rows.extend((k, v, step) for k, v in zip(keys, row) if step > already.get(k, -1))
-    sink.log_metrics(rows)
+    """Each key's column of the (steps, keys) block, less the steps a resumed run already stored."""
+    columns = []
+    for k, values in zip(keys, block.T.tolist()):
+        skip = max(0, already.get(k, -1) + 1 - first_step)
+        if skip < len(values):
+            columns.append((k, first_step + skip, values[skip:]))
+    sink.log_columns(columns)
 
 
 def _send_points(sink, points: dict[str, float], step: int, already: dict[str, int]) -> None:

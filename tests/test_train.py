@@ -346,6 +346,9 @@ def _recorder():
         def log_metrics(self, rows):
             self.rows += rows
 
+        def log_columns(self, columns):
+            self.rows += [(k, v, first + i) for k, first, values in columns for i, v in enumerate(values)]
+
     return Recorder()
 
 
@@ -523,3 +526,26 @@ def test_a_run_created_by_an_attempt_killed_before_run_json_is_ended_by_the_next
     assert result.run_id != orphan.run_id and get_run(result.run_id).info.status == "FINISHED"
     left = get_run(orphan.run_id)
     assert left.info.status == "KILLED" and left.data.tags["failure_reason"] == "orphaned"
+
+
+def test_an_epoch_that_waits_for_a_slow_store_says_so_and_keeps_every_point(home):
+    """Back-pressure, not thinning: when the store cannot keep up, training waits and the log tells how long."""
+    from pipeline.data import ensure_splits
+    from pipeline.train import fit
+
+    cfg = build_config(overrides=["data.train_subset=640", "train.epochs=2", "train.grid_images=4",
+                                  "tracking.flush_every=5"])
+    sink = _recorder()
+    real_flush = sink.flush
+
+    def slow_flush():  # the first epoch's checkpoint waits 30 s for its points (as counted by the sink)
+        sink.store_wait_s += 30.0 if sink.store_wait_s == 0 else 0.0
+        real_flush()
+
+    sink.flush = slow_flush
+    lines = []
+    fit(cfg, home / "slow", sink, splits=ensure_splits(cfg.data, log=QUIET["log"]), log=lines.append, progress=False)
+    waits = [line for line in lines if "waiting for the tracking store" in line]
+    assert len(waits) == 1 and waits[0].startswith("[train] epoch 1: 30.0 s of ")
+    steps = [step for k, _, step in sink.rows if k == "train/loss"]
+    assert steps == list(range(2 * 640 // cfg.train.batch_size))
