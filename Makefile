@@ -103,12 +103,13 @@ test: setup ## set up and run the test suite (CPU, a few minutes)
 	@$(DEBIAN_POSTGRES)
 	$(PY) -m pytest -q
 
-bench: setup ## training throughput vs a DataLoader loop and vs tracking off, metric ingest, PixelCNN sampling speed, report time, study trials/hour on PostgreSQL; writes bench/RESULTS.md
+bench: setup ## training throughput vs a DataLoader loop and vs tracking off, metric ingest, PixelCNN sampling speed, report time, study trials/hour on PostgreSQL, tracking-server ingest; writes bench/RESULTS.md
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_tracking.py
 	$(PY) bench/bench_sampling.py
 	$(PY) bench/bench_report.py
 	$(PY) bench/bench_study.py
+	$(PY) bench/bench_server.py
 
 postgres: $(STAMP) ## start the project's PostgreSQL on 127.0.0.1:5433 (VAE_PG_PORT): Optuna + MLflow databases
 	@$(DEBIAN_POSTGRES)

@@ -101,7 +101,9 @@ class SqliteMetricStore:
     def __init__(self, db: Path, timeout: float = 60.0):
         # The store is shared with MLflow in this and other processes: wait for their transactions
         # (SQLite's busy handler) rather than fail. Autocommit mode, transactions begun explicitly.
-        self.conn = sqlite3.connect(str(db), timeout=timeout, isolation_level=None, check_same_thread=False)
+        # mode=rw: never create a file where the URI pointed at none (a typo'd path, a query string).
+        self.conn = sqlite3.connect(f"{Path(db).resolve().as_uri().replace('file://', 'file:', 1)}?mode=rw", uri=True,
+                                    timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
             check_schema(self.conn)
             self.conn.execute("PRAGMA cache_size = -65536")  # 64 MB: index pages of long histories stay hot

@@ -238,6 +238,10 @@ def start_server(port: int | None = None, host: str = "127.0.0.1", pg_port: int 
     env = dict(os.environ)
     env.setdefault("PGPASSFILE", str(pgpass_path()))
     env.pop("MLFLOW_TRACKING_URI", None)
+    # MLflow's job runner (GenAI scorers, prompt optimization: nothing this pipeline uses) starts seven
+    # processes that keep two cores busy for ~20 s after the server reports healthy, right when workers
+    # start logging (bench/RESULTS.md, "Tracking server").
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", pg.url("mlflow"),
            "--artifacts-destination", artifacts, "--host", host, "--port", str(port), "--workers", "2"]
     with open(log_path, "ab") as logf:

@@ -1,4 +1,4 @@
-"""MLflow, and nothing else imports it: runs, buffered background metric logging, artifacts.
+"""MLflow runs, background metric logging, artifacts (only here and in pipeline.metric_store is MLflow imported).
 
 Per-step metrics arrive in blocks (the trainer buffers them on the device) and are written by a
 background process, so the training loop never waits on the store: into a local SQLite store with bulk
@@ -176,7 +176,7 @@ def _api_write(c: MlflowClient, run_id: str, ts: int, columns: list) -> None:
         c.log_batch(run_id, metrics=metrics[i : i + _BATCH_LIMIT], synchronous=True)
 
 
-def _writer_main(uri: str, blocks, errors, n_errors, done, parent_pid: int, fast: bool) -> None:
+def _writer_main(uri: str, blocks, errors, n_errors, sent, done, parent_pid: int, fast: bool) -> None:
     """The writer process: blocks (run_id, timestamp_ms, [(key, first_step, [value, …]), …]) → the store.
 
     On a SQLite store whose schema pipeline.metric_store knows, blocks go in with bulk inserts, all the
@@ -200,6 +200,7 @@ def _writer_main(uri: str, blocks, errors, n_errors, done, parent_pid: int, fast
         print(f"[tracking] storing metrics through MLflow's API (slower): {why_not}", file=sys.stderr, flush=True)
     c = MlflowClient(uri)
     failed_runs: set[str] = set()
+    received = 0
 
     def fail(run_id: str, message: str) -> None:
         failed_runs.add(run_id)
@@ -216,20 +217,24 @@ def _writer_main(uri: str, blocks, errors, n_errors, done, parent_pid: int, fast
             if os.getppid() != parent_pid:
                 return  # orphaned: the trainer died, and a resume resends what is missing
             continue
-        batch, stop = [], item is None
+        batch, stop, points = [], item is None, 0
         while item is not None:
             batch.append(item)
-            if store is None or sum(len(v) for b in batch for _, _, v in b[2]) >= _POINTS_PER_TRANSACTION:
+            received += 1
+            points += sum(len(values) for _, _, values in item[2])
+            # One transaction for every block the trainer has put so far (those still in the pipe too):
+            # a commit costs as much as ~1,000 points, so a writer that fell behind catches up.
+            if store is None or points >= _POINTS_PER_TRANSACTION or received >= sent.value:
                 break
             try:
-                item = blocks.get_nowait()
+                item = blocks.get(timeout=1.0)
             except queue.Empty:
                 break
             stop = item is None
         # Never store points after a gap: a resume resends from the first missing step.
         todo = [b for b in batch if b[0] not in failed_runs]
         try:
-            if store is not None:
+            if store is not None and todo:
                 for run_id, reason in store.write(todo).items():
                     fail(run_id, f"MlflowException: {reason}")
             else:
@@ -264,11 +269,11 @@ class _MetricWriter:
         self.n_errors = ctx.Value("q", 0)  # error reports put so far; self.received of them read
         self.received = 0
         self.done = ctx.Value("q", 0)
-        self.sent = 0
+        self.sent = ctx.Value("q", 0)  # blocks put so far: the writer drains all of them per transaction
         self.failed: dict[str, str] = {}
         self.proc = ctx.Process(
             target=_writer_main,
-            args=(uri, self.blocks, self.errors, self.n_errors, self.done, os.getpid(), fast),
+            args=(uri, self.blocks, self.errors, self.n_errors, self.sent, self.done, os.getpid(), fast),
             name="mlflow-metric-writer",
             daemon=True,
         )
@@ -276,7 +281,8 @@ class _MetricWriter:
 
     def put(self, run_id: str, ts: int, columns: list) -> None:
         self.blocks.put((run_id, ts, columns))
-        self.sent += 1
+        with self.sent.get_lock():
+            self.sent.value += 1
 
     def error_for(self, run_id: str) -> str | None:
         while self.received < self.n_errors.value:
@@ -290,7 +296,7 @@ class _MetricWriter:
 
     def flush(self) -> None:
         """Wait until every block sent so far is stored (or has failed)."""
-        while self.done.value < self.sent:
+        while self.done.value < self.sent.value:
             if not self.proc.is_alive():
                 raise TrackingError(
                     "the MLflow writer process died, so recent metric points were not stored; "

@@ -153,6 +153,8 @@ def test_a_store_with_another_schema_goes_through_mlflows_api(bare_home, tmp_pat
     tracking.client()
     assert open_fast_store(f"sqlite:///{paths.mlflow_db()}")[0] is not None
     assert open_fast_store("http://127.0.0.1:5000") == (None, "not a SQLite store")
+    missing = tmp_path / "typo #1?.db"
+    assert open_fast_store(f"sqlite:///{missing}")[0] is None and not missing.exists()  # no empty file left
     other = tmp_path / "other.db"
     shutil.copy(paths.mlflow_db(), other)
     conn = sqlite3.connect(other)
