@@ -103,11 +103,12 @@ test: setup ## set up and run the test suite (CPU, a few minutes)
 	@$(DEBIAN_POSTGRES)
 	$(PY) -m pytest -q
 
-bench: setup ## training throughput vs a DataLoader loop and vs tracking off, metric ingest, PixelCNN sampling speed, report time, study trials/hour on PostgreSQL, tracking-server ingest; writes bench/RESULTS.md
+bench: setup ## training throughput vs a DataLoader loop and vs tracking off, metric ingest, PixelCNN sampling speed, report time (100 trials; 1,000 trials × 10,000 steps), status time, study trials/hour on PostgreSQL, tracking-server ingest; writes bench/RESULTS.md
 	$(PY) bench/bench_train.py
 	$(PY) bench/bench_tracking.py
 	$(PY) bench/bench_sampling.py
 	$(PY) bench/bench_report.py
+	$(PY) bench/bench_report.py --scale 1000x10000
 	$(PY) bench/bench_study.py
 	$(PY) bench/bench_server.py
 

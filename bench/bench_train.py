@@ -23,10 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from benchlib import cpu_name, write_section
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -39,24 +36,32 @@ MODEL_SETTINGS = [
 
 
 # --- (a) the reference loop ----------------------------------------------------------------------
-class ExampleVAE(nn.Module):
-    """The pytorch/examples VAE architecture: 784-400-20, sigmoid output, BCE(sum) + KLD."""
+def _example_vae():
+    """The pytorch/examples VAE architecture: 784-400-20, sigmoid output, BCE(sum) + KLD. (torch is imported
+    in functions: the metric writer process, spawned, imports this script again, as it would not a CLI.)"""
+    import torch
+    from torch import nn
 
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
-        self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
+    class ExampleVAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
+            self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
 
-    def forward(self, x):
-        h = F.relu(self.fc1(x.view(-1, 784)))
-        mu, logvar = self.fc21(h), self.fc22(h)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+        def forward(self, x):
+            h = torch.relu(self.fc1(x.view(-1, 784)))
+            mu, logvar = self.fc21(h), self.fc22(h)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            return torch.sigmoid(self.fc4(torch.relu(self.fc3(z)))), mu, logvar
+
+    return ExampleVAE()
 
 
 def _torchvision_root(splits, root: Path) -> Path:
     """Write the official training set as IDX files where torchvision's FashionMNIST looks."""
     import struct
+
+    import torch
 
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -71,6 +76,8 @@ def _torchvision_root(splits, root: Path) -> Path:
 
 
 def run_reference_loop(root: Path, epochs: int, seed: int) -> list[float]:
+    import torch
+    import torch.nn.functional as F
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -79,7 +86,7 @@ def run_reference_loop(root: Path, epochs: int, seed: int) -> list[float]:
         datasets.FashionMNIST(str(root), train=True, download=False, transform=transforms.ToTensor()),
         batch_size=128, shuffle=True,
     )
-    model = ExampleVAE()
+    model = _example_vae()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     rates = []
     for _ in range(epochs):
@@ -172,6 +179,8 @@ def run_eval_throughput(splits, run_dir: Path, k: int, n_images: int, batch_size
 
 
 def machine() -> str:
+    import torch
+
     return (f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
 

@@ -15,12 +15,12 @@ every non-SQLite store, goes through MLflow's public API.
 from __future__ import annotations
 
 import math
+import os
+import posixpath
+import re
 import sqlite3
 from itertools import chain, repeat
 from pathlib import Path
-
-from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import _validate_metric
 
 # Alembic revision of MLflow's tracking schema → the columns (name, declared type, not null, position in
 # the primary key) of the two tables written here, as SQLite's `PRAGMA table_info` reports them.
@@ -52,6 +52,24 @@ _LATEST_UPSERT = (
     "WHERE (excluded.step, excluded.timestamp, excluded.value) > "
     "(latest_metrics.step, latest_metrics.timestamp, latest_metrics.value)"
 )
+
+
+# MLflow's documented rule for metric names (checked against MLflow's own check in the tests): letters,
+# digits, `_ - . /`, spaces and (but on Windows) colons; at most 250 characters; a normalized relative path.
+_NAME = re.compile(r"[/\w.\- ]*" if os.name == "nt" else r"[/\w.\- :]*")
+_NAME_MAX = 250
+
+
+def name_problem(key: str) -> str | None:
+    """Why MLflow would refuse `key` as a metric name, or None."""
+    if not _NAME.fullmatch(key):
+        return f"metric name {key!r}: only letters, digits, '_', '-', '.', '/', spaces and colons are allowed"
+    if len(key) > _NAME_MAX:
+        return f"metric name {key[:40]!r}…: longer than {_NAME_MAX} characters"
+    norm = posixpath.normpath(key)
+    if norm != key or norm == "." or norm.startswith(("..", "/")):
+        return f"metric name {key!r}: must be a normalized relative path (no '//', '/./', '..', leading '/')"
+    return None
 
 
 class UnknownSchema(Exception):
@@ -136,12 +154,9 @@ class SqliteMetricStore:
                     continue
                 columns = []
                 for ts, block in run_blocks:
-                    try:  # MLflow's own checks of names and numbers, as log_batch makes them
-                        for key, first, values in block:
-                            if values:
-                                _validate_metric(key, values[-1], ts, first + len(values) - 1)
-                    except MlflowException as e:
-                        refused[run_id] = e.message  # and the blocks after it: no points after a gap
+                    problems = [p for key, _, values in block if values and (p := name_problem(key))]
+                    if problems:  # what log_batch refuses, and the run's blocks after it: no points after a gap
+                        refused[run_id] = problems[0]
                         break
                     columns += [(key, ts, first, values) for key, first, values in block if values]
                 if columns:

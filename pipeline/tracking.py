@@ -12,14 +12,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import signal
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline import paths
 from pipeline.errors import PipelineError, masked
+from pipeline.metric_writer import writer_main
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # With a tracking server MLflow prints a "View run" URL at every run end: noise in worker logs, and
@@ -27,7 +26,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.entities import Param, RunStatus, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 
@@ -35,7 +34,6 @@ class TrackingError(PipelineError, RuntimeError):
     """The tracking store cannot be used; the message names it (credentials masked) and what to do."""
 
 
-_BATCH_LIMIT = 1000  # MLflow's cap on metrics per log_batch call
 _PARAM_LIMIT = 100
 
 
@@ -157,103 +155,6 @@ def get_or_create_experiment(name: str, c: MlflowClient | None = None) -> str:
         return exp.experiment_id
 
 
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # elsewhere the parent-pid check in the loop does the job within a second
-
-
-_POINTS_PER_TRANSACTION = 50_000  # drained blocks stored together; the store's write lock held < ~0.5 s
-
-
-def _api_write(c: MlflowClient, run_id: str, ts: int, columns: list) -> None:
-    metrics = [Metric(key, v, ts, first + i) for key, first, values in columns for i, v in enumerate(values)]
-    for i in range(0, len(metrics), _BATCH_LIMIT):
-        c.log_batch(run_id, metrics=metrics[i : i + _BATCH_LIMIT], synchronous=True)
-
-
-def _writer_main(uri: str, blocks, errors, n_errors, sent, done, parent_pid: int, fast: bool) -> None:
-    """The writer process: blocks (run_id, timestamp_ms, [(key, first_step, [value, …]), …]) → the store.
-
-    On a SQLite store whose schema pipeline.metric_store knows, blocks go in with bulk inserts, all the
-    blocks waiting in the queue in one transaction (bench/RESULTS.md: ~10× log_batch); elsewhere through
-    `log_batch`. At the lowest CPU priority, so the store's work fills the gaps the trainer's threads
-    leave instead of preempting them.
-    """
-    _die_with_parent()
-    # Ctrl-C reaches the whole process group; the trainer handles it and ends its run, which flushes this
-    # writer first, so the writer must not die of it mid-batch (nor print a traceback). SIGTERM keeps its
-    # default: multiprocessing ends this daemon with it when the trainer exits.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        os.nice(19)
-    except OSError:
-        pass
-    from pipeline.metric_store import open_fast_store, sqlite_path
-
-    store, why_not = open_fast_store(uri) if fast else (None, "")
-    if fast and store is None and sqlite_path(uri) is not None:
-        print(f"[tracking] storing metrics through MLflow's API (slower): {why_not}", file=sys.stderr, flush=True)
-    c = MlflowClient(uri)
-    failed_runs: set[str] = set()
-    received = 0
-
-    def fail(run_id: str, message: str) -> None:
-        failed_runs.add(run_id)
-        errors.put((run_id, message))
-        # Counted before `done`: once a flush has seen a block done, the trainer knows how many error
-        # reports are on their way (a queue's put returns before the item can be read).
-        with n_errors.get_lock():
-            n_errors.value += 1
-
-    while True:
-        try:
-            item = blocks.get(timeout=1.0)
-        except queue.Empty:
-            if os.getppid() != parent_pid:
-                return  # orphaned: the trainer died, and a resume resends what is missing
-            continue
-        batch, stop, points = [], item is None, 0
-        while item is not None:
-            batch.append(item)
-            received += 1
-            points += sum(len(values) for _, _, values in item[2])
-            # One transaction for every block the trainer has put so far (those still in the pipe too):
-            # a commit costs as much as ~1,000 points, so a writer that fell behind catches up.
-            if store is None or points >= _POINTS_PER_TRANSACTION or received >= sent.value:
-                break
-            try:
-                item = blocks.get(timeout=1.0)
-            except queue.Empty:
-                break
-            stop = item is None
-        # Never store points after a gap: a resume resends from the first missing step.
-        todo = [b for b in batch if b[0] not in failed_runs]
-        try:
-            if store is not None and todo:
-                for run_id, reason in store.write(todo).items():
-                    fail(run_id, f"MlflowException: {reason}")
-            else:
-                for run_id, ts, columns in todo:
-                    if run_id not in failed_runs:
-                        try:
-                            _api_write(c, run_id, ts, columns)
-                        except Exception as e:  # reported to the trainer, which stops and can resume later
-                            fail(run_id, f"{type(e).__name__}: {e}")
-        except Exception as e:  # the database refused the whole transaction
-            for run_id in {b[0] for b in todo}:
-                fail(run_id, f"{type(e).__name__}: {e}")
-        finally:
-            with done.get_lock():
-                done.value += len(batch)
-        if stop:
-            return
-
-
 class _MetricWriter:
     """A writer process for one tracking store, shared by the runs of this process.
 
@@ -272,7 +173,7 @@ class _MetricWriter:
         self.sent = ctx.Value("q", 0)  # blocks put so far: the writer drains all of them per transaction
         self.failed: dict[str, str] = {}
         self.proc = ctx.Process(
-            target=_writer_main,
+            target=writer_main,
             args=(uri, self.blocks, self.errors, self.n_errors, self.sent, self.done, os.getpid(), fast),
             name="mlflow-metric-writer",
             daemon=True,
@@ -538,9 +439,12 @@ def binned_metric_histories(run_ids: list[str], keys: list[str], bins: int) -> l
     """(run_id, key, mean step, mean value) per step bin, NaN points left out. The bins have one width
     for all runs, ⌈(longest run's last step + 1) / bins⌉, so curves of one study share their x grid.
 
-    For plotting thousands of steps per run. On a SQL store the averaging happens in the database,
-    one query per 500 runs, so a 100-run study's 10⁶ points never cross into Python (that, more than
-    the query, is what costs seconds); elsewhere (a tracking server) each run's history is fetched.
+    For plotting thousands of steps per run. On a SQL store the averaging happens in the database, so
+    a study's 10⁷ points never cross into Python (that, more than the query, is what costs seconds):
+    on SQLite one query per run, in a few threads (SQLite sorts a GROUP BY on an expression, and one
+    sort of a 1,000-run study's 2·10⁷ points cost 3× the per-run sorts: bench/RESULTS.md, "Report at
+    scale"), on a server database one query per 500 runs. Elsewhere (a tracking server) each run's
+    history is fetched.
     """
     if not run_ids or not keys:
         return []
@@ -584,10 +488,38 @@ def binned_metric_histories(run_ids: list[str], keys: list[str], bins: int) -> l
         return []
     width = -(-(int(last) + 1) // bins)
     rows = []
-    for ch in chunks:
-        rows += run("SELECT run_uuid, key, AVG(step), AVG(value) FROM metrics WHERE key IN :keys AND run_uuid IN :runs "
-                    "AND is_nan = :false GROUP BY run_uuid, key, step / :width",
-                    {"keys": list(keys), "runs": ch, "false": False, "width": width})
+    if engine.dialect.name == "sqlite":
+        from concurrent.futures import ThreadPoolExecutor
+
+        sql = ("SELECT run_uuid, key, AVG(step), AVG(value) FROM metrics WHERE run_uuid = :run AND key IN :keys "
+               "AND is_nan = :false GROUP BY key, step / :width")
+        hinted = text(sql.replace("FROM metrics", "FROM metrics INDEXED BY index_metrics_run_uuid_key_step"))
+        plain = text(sql)
+
+        def runs_of(share: list[str]) -> list:  # one connection per thread; SQLite releases the GIL while it works
+            out: list = []
+            with engine.connect() as conn:
+                query = hinted
+                for rid in share:
+                    params = {"run": rid, "keys": list(keys), "false": False, "width": width}
+                    try:
+                        out += conn.execute(query.bindparams(bindparam("keys", expanding=True)), params).all()
+                    except exc.OperationalError:  # an older schema without that index
+                        if query is plain:
+                            raise
+                        query = plain
+                        out += conn.execute(query.bindparams(bindparam("keys", expanding=True)), params).all()
+            return out
+
+        n = max(1, min(4, os.cpu_count() or 1, len(run_ids)))
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            for part in pool.map(runs_of, [list(run_ids[i::n]) for i in range(n)]):
+                rows += part
+    else:
+        for ch in chunks:
+            rows += run("SELECT run_uuid, key, AVG(step), AVG(value) FROM metrics WHERE key IN :keys AND run_uuid IN :runs "
+                        "AND is_nan = :false GROUP BY run_uuid, key, step / :width",
+                        {"keys": list(keys), "runs": ch, "false": False, "width": width})
     return sorted((r, k, float(st), float(v)) for r, k, st, v in rows)
 
 

@@ -28,10 +28,24 @@ def prepared_data_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with no runs, built once: MLflow's migrations take ~3 s per new store, and
+    most tests need one. (Store creation itself is tested on bare homes.)"""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    SqlAlchemyStore(f"sqlite:///{db}", (db.parent / "mlruns").as_uri()).engine.dispose()
+    return db
+
+
 @pytest.fixture
-def home(tmp_path, monkeypatch, prepared_data_dir) -> Path:
+def home(tmp_path, monkeypatch, prepared_data_dir, empty_store) -> Path:
     """A fresh VAE_PIPELINE_HOME (own mlflow.db, runs/) sharing the prepared dataset."""
+    import shutil
+
     (tmp_path / "data").symlink_to(prepared_data_dir, target_is_directory=True)
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("VAE_PIPELINE_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path

@@ -65,6 +65,7 @@ def test_a_study_killed_at_a_dozen_seeded_moments_ends_as_an_uninterrupted_one(h
     from pipeline.studyspec import expand_trials, load_study
     from pipeline.tracking import client
 
+    (home / "mlflow.db").unlink()  # the first kill lands while the study creates its store
     rng = random.Random(20261130)
     path = _write(home, "faults", FAULT_BASE)
     cmd = [sys.executable, "-m", "pipeline", "study", str(path)]

@@ -118,12 +118,39 @@ def test_refused_points_are_the_ones_log_batch_refuses_and_other_runs_are_stored
         ("f" * 32, 1, [("a", 0, [1.0])]),
     ])
     assert set(refused) == {deleted, bad_name, "f" * 32}
-    assert api_error.value.message.rpartition("supplied: ")[2] in refused[bad_name]  # MLflow's own words
+    assert "bad key!?" in refused[bad_name] and "bad key!?" in api_error.value.message
     assert "active" in refused[deleted] and "not found" in refused["f" * 32]
     assert [(s, v) for s, _, v in _history(c, good, "a")] == [(0, 1.0), (1, 2.0), (2, 3.0)]
     assert _history(c, bad_name, "a") == [(0, 1, 1.0)]  # what came before the refused block
     assert _history(c, deleted, "a") == []
     assert store.last_steps(good, ["a", "b"]) == {"a": 2, "b": -1}
+
+
+@pytest.mark.parametrize("name", ["train/loss", "val/kl_mc_sd", "a.b-c_d e", "ratio: x/y", "ünïcode", "x" * 250,
+                                  "x" * 251, "bad key!?", "tab\there", "a//b", "/a", "a/", "./a", "a/./b", "..",
+                                  "a/../b", "../a", ".", "", "a\\b", "new\nline", "per%cent"])
+def test_metric_names_are_refused_exactly_when_mlflow_refuses_them(name):
+    """The writer checks names without importing MLflow (seconds at every start): the same rule."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_metric
+
+    from pipeline.metric_store import name_problem
+
+    try:
+        _validate_metric(name, 1.0, 0, 0)
+        mlflow_refuses = False
+    except MlflowException:
+        mlflow_refuses = True
+    assert (name_problem(name) is not None) == mlflow_refuses
+
+
+def test_the_writer_process_imports_neither_mlflow_nor_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.metric_writer; print(sorted(m for m in ('mlflow', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_a_database_error_stores_nothing_of_the_call(bare_home):

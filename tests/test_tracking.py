@@ -86,3 +86,32 @@ def test_two_commands_starting_on_a_fresh_home_both_get_the_store(bare_home):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
+
+
+def test_binned_histories_from_sqlite_match_the_points_with_and_without_the_run_key_step_index(home, monkeypatch):
+    import math
+    import sqlite3
+
+    from pipeline import tracking
+    from pipeline.tracking import MlflowRun, binned_metric_histories
+
+    runs = []
+    for i, steps in enumerate((95, 250, 7)):  # unequal lengths: one bin width for all, from the longest
+        run = MlflowRun("binned", run_name=f"r{i}")
+        run.log_columns([("train/kl", 0, [math.nan if s % 13 == 5 else (s * 0.37 + i) % 3.1 for s in range(steps)]),
+                         ("train/recon_nll", 0, [200.0 - s / (i + 1) for s in range(steps)]),
+                         ("train/other", 0, [1.0] * steps)])
+        run.end("FINISHED")
+        runs.append(run.run_id)
+    keys = ["train/kl", "train/recon_nll"]
+    from_db = binned_metric_histories(runs, keys, 20)
+    with monkeypatch.context() as m:  # the tracking-server path: every point fetched and averaged in Python
+        m.setattr(tracking, "_sql_engine", lambda c: None)
+        from_points = binned_metric_histories(runs, keys, 20)
+    assert len(from_db) == len(from_points) == 2 * (8 + 20 + 1)  # bins of ⌈250 / 20⌉ = 13 steps
+    for a, b in zip(from_db, from_points):
+        assert a[:2] == b[:2] and a[2:] == pytest.approx(b[2:], rel=1e-12)
+    tracking._sql_engine(tracking.client()).dispose()
+    with sqlite3.connect(home / "mlflow.db") as conn:  # a store from before that index: the plain query
+        conn.execute("DROP INDEX index_metrics_run_uuid_key_step")
+    assert binned_metric_histories(runs, keys, 20) == from_db
