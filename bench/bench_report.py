@@ -11,6 +11,12 @@ runs/bench_report/ (git-ignored) and reused by later benchmarks.
 
 Then `python -m pipeline report` runs on it as a user would (a fresh process, so imports count),
 `--repeats` times. Appends (or replaces) the "Report generation" section of bench/RESULTS.md.
+
+`--scale 1000x10000` does the same at scale (issue 14, "Reading at scale"): 1,000 trials (200 configs ×
+5 seeds) of 10,000 steps each, 20 M points of `train/kl` and `train/recon_nll` written straight into
+MLflow's tables with pipeline.metric_store (about 4 minutes), in a scratch home under $TMPDIR (5.3 GB;
+deleted afterwards unless --keep, and reused while kept). It times `pipeline report` (the first with
+the store out of the OS cache) and `pipeline status`, and writes the "Report at scale" section.
 """
 
 from __future__ import annotations
@@ -74,8 +80,9 @@ def _test_metrics(beta: float, lik: str, depth: int, rng: np.random.Generator, d
     return m, kl_vec
 
 
-def _curves(final_kl: float, final_recon: float, collapsed: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    t = np.arange(EPOCHS * STEPS_PER_EPOCH)
+def _curves(final_kl: float, final_recon: float, collapsed: bool, rng: np.random.Generator,
+            steps: int = EPOCHS * STEPS_PER_EPOCH) -> dict[str, np.ndarray]:
+    t = np.arange(steps)
     if collapsed:  # a bump while the encoder learns, then the KL falls onto the prior
         kl = 2.0 * np.exp(-t / 300) * (1 - np.exp(-t / 30)) + final_kl
     else:
@@ -151,12 +158,294 @@ def synthesize(study_file: Path, log=print) -> None:
     (HOME / "complete.json").write_text(json.dumps({"study": STUDY, "seconds": time.perf_counter() - t0}))
 
 
+# --- the same at scale: 1,000 trials of 10,000 steps (`--scale 1000x10000`) -------------------
+BIG_EPOCHS, BIG_STEPS_PER_EPOCH = 20, 500  # 55,000 training images at batch 110
+BIG_STUDY = {
+    "name": "bench_report_1000",
+    "description": "Synthetic 1,000-trial study of 10,000 steps per run, for timing the report and status at scale.",
+    "sampler": "grid",
+    "base": {"train.epochs": BIG_EPOCHS, "train.batch_size": 110},
+    "space": {"objective.beta": [0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128],
+              "likelihood.name": ["bernoulli", "gaussian_learned"], "model.decoder_depth": [1, 3],
+              "model.latent_dim": [4, 8, 16, 32, 64]},
+    "seeds": [0, 1, 2, 3, 4],
+    "objectives": [{"metric": "test/iwae_nll", "direction": "minimize"}],
+}
+BIG_HOME = Path(os.environ.get("TMPDIR", "/tmp")) / "vae-bench-report-1000x10000"
+BIG_SECTION = "## Report at scale: 1,000 trials × 10,000 steps, CPU"
+RUNS_PER_WRITE = 5  # runs per SqliteMetricStore.write (one transaction): 100k points
+NEEDS_BYTES = 7_000_000_000  # the store takes 5.3 GB (about 265 bytes per point with MLflow's three indexes)
+
+
+def synthesize_at_scale(study_file: Path, home: Path, log=print) -> dict:
+    """The 1,000-trial study, written fast: runs, tags and params through MLflow's client, metric points
+    straight into its tables with pipeline.metric_store (what the trainer's writer does), eval images
+    drawn once per blur level and copied. Returns what the marker records."""
+    import optuna
+    from mlflow.entities import Param
+    from optuna.distributions import CategoricalDistribution
+
+    from pipeline.config import DataConfig
+    from pipeline.data import ensure_splits
+    from pipeline.fileio import atomic_write_json
+    from pipeline.metric_store import SqliteMetricStore, sqlite_path
+    from pipeline.study import open_storage, open_study, study_dir
+    from pipeline.studyspec import expand_trials, load_study, point_key
+    from pipeline.tracking import client, get_or_create_experiment, tracking_uri
+
+    spec = load_study(study_file)
+    test_x = ensure_splits(DataConfig(), log=lambda *_: None).test_x
+    c = client()
+    exp_id = get_or_create_experiment(spec.name, c)
+    t_start = int(time.time() * 1000) - 1000 * 600 * 1000  # as if the trials had run 10 minutes each
+    parent = c.create_run(exp_id, run_name=f"study {spec.name}", tags={"study": spec.name, "role": "study"},
+                          start_time=t_start).info.run_id
+    atomic_write_json({"run_id": parent}, study_dir(spec) / "parent.json")
+    study = open_study(spec, open_storage(spec, None))
+    dists = {k: CategoricalDistribution(v) for k, v in spec.space.items()} | {"seed": CategoricalDistribution(spec.seeds)}
+    store = SqliteMetricStore(sqlite_path(tracking_uri()))
+    steps = BIG_EPOCHS * BIG_STEPS_PER_EPOCH
+    images: dict[int, tuple[bytes, bytes]] = {}
+    pending: list = []
+    finished: list[tuple[str, int]] = []
+    points = 0
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        refused = store.write(pending)
+        if refused:
+            raise RuntimeError(f"the metric store refused points: {refused}")
+        for run_id, end_ms in finished:
+            c.set_terminated(run_id, "FINISHED", end_time=end_ms)
+        pending.clear()
+        finished.clear()
+
+    trials, design = [], expand_trials(spec)
+    for ts in design:
+        rng = np.random.default_rng(ts.index)
+        beta, lik, depth = ts.point["objective.beta"], ts.point["likelihood.name"], ts.point["model.decoder_depth"]
+        cfg = ts.config()
+        run_dir = study_dir(spec) / "trials" / f"{ts.index:04d}-{cfg.result_hash()}"
+        start_ms = t_start + ts.index * 600_000
+        tags = {"study": spec.name, "trial": str(ts.index), "optuna_trial": str(ts.index), "seed": str(ts.seed),
+                "point": point_key(ts.point), "config_hash": cfg.result_hash(), "run_dir": str(run_dir),
+                "mlflow.parentRunId": parent}
+        run_id = c.create_run(exp_id, run_name=f"{spec.name} #{ts.index}", tags=tags, start_time=start_ms).info.run_id
+        c.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()])
+        metrics, kl_vec = _test_metrics(beta, lik, depth, rng, d=ts.point["model.latent_dim"])
+        curves = _curves(metrics["test/kl"], metrics["test/recon_nll"], metrics["test/active_units"] == 0, rng, steps)
+        for e in range(BIG_EPOCHS):  # an epoch per block, as the trainer sends them
+            a, b = e * BIG_STEPS_PER_EPOCH, (e + 1) * BIG_STEPS_PER_EPOCH
+            kl, recon = float(curves["train/kl"][b - 1]), float(curves["train/recon_nll"][b - 1])
+            pending.append((run_id, start_ms + (e + 1) * 25_000, [
+                (k, a, v[a:b].tolist()) for k, v in curves.items()] + [
+                ("val/elbo", b, [-(recon + kl)]), ("val/recon_nll", b, [recon]), ("val/kl", b, [kl]),
+                ("train/images_per_s", b, [12000.0])]))
+        pending.append((run_id, start_ms + 560_000, [(k, steps, [float(v)]) for k, v in metrics.items()]))
+        points += len(curves) * steps + 4 * BIG_EPOCHS + len(metrics)
+        finished.append((run_id, start_ms + 580_000))
+        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        (run_dir / "eval" / "kl_per_dim.json").write_text(json.dumps([float(v) for v in kl_vec]))
+        blur = 1 + int(math.log2(beta + 1) // 2)
+        if blur not in images:
+            _images(home / "image-cache", test_x, blur=blur, seed=blur)
+            images[blur] = tuple((home / "image-cache" / "eval" / f).read_bytes()
+                                 for f in ("test_reconstructions.png", "test_samples.png"))
+        for name, data in zip(("test_reconstructions.png", "test_samples.png"), images[blur]):
+            (run_dir / "eval" / name).write_bytes(data)
+        trials.append(optuna.trial.create_trial(
+            params={**ts.point, "seed": ts.seed}, distributions=dists, values=[metrics["test/iwae_nll"]],
+            user_attrs={"trial_index": ts.index, "mlflow_run_id": run_id, "config_hash": cfg.result_hash()}))
+        if len(finished) == RUNS_PER_WRITE:
+            flush()
+        if ts.index % 100 == 99:
+            log(f"[bench] synthesized {ts.index + 1}/{len(design)} runs, {points / 1e6:.1f} M points "
+                f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if pending:
+        flush()
+    store.close()
+    study.add_trials(trials)
+    c.set_terminated(parent, "FINISHED")
+    return {"runs": len(trials), "points": points, "seconds": time.perf_counter() - t0}
+
+
+def _file_mb(*paths: Path) -> float:
+    return sum(p.stat().st_size for p in paths if p.is_file()) / 1e6
+
+
+def _reset(home: Path, study_file: Path, study: dict) -> None:
+    import shutil
+
+    import yaml
+
+    for path in ("mlflow.db", "mlflow.db-wal", "mlflow.db-shm", "mlruns", "runs", "reports", "image-cache",
+                 "study.yaml", "complete.json"):
+        target = home / path
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    study_file.write_text(yaml.safe_dump(study, sort_keys=False))
+
+
+def _evict(path: Path) -> None:
+    """Drop one file's pages from the OS page cache (written back first), leaving every other file's alone."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _cache(i: int) -> str:
+    return "cold OS cache" if i == 0 else "warm"
+
+
+def _cleanup(home: Path) -> None:
+    """Delete what this bench wrote in `home`, then `home` if that left it empty (a --home given may hold more)."""
+    import shutil
+
+    for path in ("mlflow.db", "mlflow.db-wal", "mlflow.db-shm", "mlflow.db.lock", "mlruns", "runs", "reports",
+                 "image-cache", "study.yaml", "complete.json", "data"):
+        target = home / path
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+    try:
+        home.rmdir()
+    except OSError:
+        pass
+
+
+def _timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    return time.perf_counter() - t0, out
+
+
+def main_at_scale(args) -> int:
+    """`--scale 1000x10000`: synthesize the big study under a scratch home, time `report` and `status`
+    (fresh processes), write the "Report at scale" section, delete the scratch home unless --keep."""
+    import shutil
+
+    from pipeline.config import DataConfig
+    from pipeline.data import ensure_splits
+
+    home = Path(args.home) if args.home else BIG_HOME
+    ensure_splits(DataConfig(), log=lambda *_: None)
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "data").exists():
+        (home / "data").symlink_to(REPO / "data", target_is_directory=True)
+    study_file, marker = home / "study.yaml", home / "complete.json"
+    fresh = not marker.exists() or json.loads(marker.read_text()).get("study") != BIG_STUDY
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["VAE_PIPELINE_HOME"] = str(home)
+    os.environ.update(VAE_PIPELINE_HOME=str(home))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    if fresh and shutil.disk_usage(home).free < NEEDS_BYTES:
+        print(f"[bench] skipped --scale 1000x10000: its store needs {NEEDS_BYTES / 1e9:.0f} GB free in {home}, "
+              f"there are {shutil.disk_usage(home).free / 1e9:.1f} GB (--home elsewhere?)", file=sys.stderr)
+        return 0
+    try:
+        if fresh:
+            _reset(home, study_file, BIG_STUDY)
+            print(f"[bench] synthesizing the 1,000-trial study in {home} …", flush=True)
+            made = synthesize_at_scale(study_file, home)
+            db = home / "mlflow.db"
+            made |= {"study": BIG_STUDY, "db_mb": _file_mb(db, db.with_name("mlflow.db-wal")),
+                     "journal_mb": _file_mb(home / "runs" / BIG_STUDY["name"] / "optuna.journal")}
+            marker.write_text(json.dumps(made))
+            print(f"[bench] synthesized {made['runs']} runs, {made['points'] / 1e6:.1f} M points in "
+                  f"{made['seconds']:.0f} s; store {made['db_mb'] / 1e3:.2f} GB", flush=True)
+        made = json.loads(marker.read_text())
+
+        reports, stages, statuses = [], [], []
+        for r in range(args.repeats):
+            if r == 0:  # the first report as after a reboot: the store's pages out of the OS cache
+                _evict(home / "mlflow.db")
+            seconds, out = _timed([sys.executable, "-m", "pipeline", "report", str(study_file)], env, home)
+            if out.returncode != 0:
+                print(out.stdout, out.stderr, file=sys.stderr)
+                return 1
+            inside = re.search(r"report\.html \(([\d.]+) s\)", out.stdout)
+            read = re.search(r"read in ([\d.]+) s", out.stdout)
+            reports.append(seconds)
+            stages.append((float(read.group(1)) if read else math.nan, float(inside.group(1)) if inside else math.nan))
+            print(f"[bench] report {r + 1}/{args.repeats}: {seconds:.1f} s end to end, {stages[-1][1]:.1f} s in the "
+                  f"stage ({stages[-1][0]:.1f} s reading the study)", flush=True)
+        for r in range(args.repeats):
+            seconds, out = _timed([sys.executable, "-m", "pipeline", "status", str(study_file)], env, home)
+            if out.returncode != 0:
+                print(out.stdout, out.stderr, file=sys.stderr)
+                return 1
+            rows = sum(1 for line in out.stdout.splitlines()[1:] if line.strip())
+            statuses.append(seconds)
+            print(f"[bench] status {r + 1}/{args.repeats}: {seconds:.1f} s end to end ({rows} trial rows)", flush=True)
+        report_dir = home / "reports" / BIG_STUDY["name"]
+        size_mb = sum(p.stat().st_size for p in report_dir.rglob("*") if p.is_file()) / 1e6
+    finally:
+        if not args.keep:
+            _cleanup(home)
+    worst = max(reports)
+    n_points = made["points"]
+    steps = BIG_EPOCHS * BIG_STEPS_PER_EPOCH
+    lines = [
+        BIG_SECTION,
+        "",
+        f"Produced by `python bench/bench_report.py --scale 1000x10000 --repeats {args.repeats}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}.",
+        "",
+        "A study of 1,000 trials (β 10 levels × likelihood 2 × decoder depth 2 × latent dimensions 5 × 5 seeds = "
+        f"200 configs), each an MLflow run of {BIG_EPOCHS} epochs × {BIG_STEPS_PER_EPOCH} = {steps:,} steps in one "
+        f"SQLite store: {n_points / 1e6:.1f} M metric points, {made['db_mb'] / 1e3:.2f} GB. Only the per-step keys "
+        "the report reads are synthesized (`train/kl` and `train/recon_nll` at every step; a real run logs 8 keys "
+        "per step, a store 4× the size, whose other keys the report's (run, key, step) index lookups skip), plus "
+        "per-epoch `val/*` points, the full set of test metrics (the latest values the report reads), 59 params "
+        "and the study's tags per run, eval images and KL vectors in each run directory, and an Optuna journal of "
+        f"1,000 complete trials ({made['journal_mb']:.1f} MB). Written with `pipeline.metric_store` (the "
+        f"trainer's fast path) under a scratch home, deleted afterwards: synthesis took {made['seconds']:.0f} s "
+        "and is not measured. Each command runs as a user runs it, in a fresh process (imports included).",
+        "",
+        "| | seconds |",
+        "|---|---:|",
+        *(f"| `pipeline report` {i + 1} ({_cache(i)}): end to end | {t:.1f} |" for i, t in enumerate(reports)),
+        *(f"| `pipeline report` {i + 1} ({_cache(i)}): reading the study (runs and latest metrics, binned curves, "
+          f"Optuna, KL vectors) | {s[0]:.1f} |" for i, s in enumerate(stages)),
+        *(f"| `pipeline report` {i + 1} ({_cache(i)}): the whole report stage (read, analysis, 14 figures, "
+          f"HTML/MD/CSV, MLflow upload) | {s[1]:.1f} |" for i, s in enumerate(stages)),
+        *(f"| `pipeline status` {i + 1}: end to end (1,000 trial rows) | {t:.1f} |" for i, t in enumerate(statuses)),
+        f"| target for the report | ≤ {args.target_scale:.0f} |",
+        "",
+        f"Verdict: {'PASS' if worst <= args.target_scale else 'FAIL'} (slowest report end to end {worst:.1f} s). "
+        f"The report directory holds {size_mb:.1f} MB.",
+        "",
+        "Report 1 starts with the store's pages dropped from the OS cache (`posix_fadvise(DONTNEED)` on "
+        "mlflow.db only), as after a reboot; later ones find them cached. The per-step curves are read as 200 "
+        "bin means per (run, key), averaged inside SQLite with one query per run, in up to 4 threads: one "
+        "`GROUP BY run, key, step / width` over 500 runs at a time (the earlier query) made SQLite sort 10⁷ rows "
+        "and took 44–47 s of the read on this machine in 2026-11 (report 136 s end to end), the per-run queries "
+        "return the same bins bit for bit in about a third of that. `status` reads the Optuna journal only; its "
+        "time is mostly imports (torch, through pipeline.study), the same at 16 trials as at 1,000.",
+        "",
+    ]
+    write_section(Path(args.out), BIG_SECTION, lines)
+    print("\n".join(lines))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     ap.add_argument("--target", type=float, default=60.0, help="seconds a 100-trial report may take")
+    ap.add_argument("--scale", choices=("100x8600", "1000x10000"), default="100x8600",
+                    help="trials x steps per run: the 100-trial study (kept in runs/bench_report/), or 1,000 trials "
+                         "of 10,000 steps in a scratch home (also times `pipeline status`)")
+    ap.add_argument("--target-scale", type=float, default=180.0, help="seconds a 1,000-trial report may take")
+    ap.add_argument("--home", help=f"scratch home of --scale 1000x10000 (default {BIG_HOME})")
+    ap.add_argument("--keep", action="store_true", help="keep the 1,000-trial scratch home (reused by the next run)")
     args = ap.parse_args()
+    if args.scale == "1000x10000":
+        return main_at_scale(args)
 
     import yaml
 
