@@ -1,11 +1,12 @@
-"""MLflow runs, background metric logging, artifacts (only here and in pipeline.metric_store is MLflow imported).
+"""MLflow runs, background metric logging, artifacts, reading a study back.
 
 Per-step metrics arrive in blocks (the trainer buffers them on the device) and are written by a
-background process, so the training loop never waits on the store: into a local SQLite store with bulk
-inserts (pipeline.metric_store), elsewhere with ``log_batch``. The trainer flushes before each checkpoint; a SIGKILL loses only points after it (the writer dies with its
+background process (pipeline.metric_writer), so the training loop never waits on the store: into a
+local SQLite store with bulk inserts (pipeline.metric_store), elsewhere with ``log_batch``. The trainer
+flushes before each checkpoint; a SIGKILL loses only points after it (the writer dies with its
 trainer), which a resume recomputes, and ``last_steps`` tells it which points the store already
-holds, so no (metric, step) is ever written twice.
-"""
+holds, so no (metric, step) is ever written twice. MLflow is imported here and, on its API path
+only, by the writer process."""
 
 from __future__ import annotations
 
