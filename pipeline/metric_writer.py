@@ -97,8 +97,8 @@ def writer_main(uri: str, blocks, errors, n_errors, sent, done, parent_pid: int,
         # Never store points after a gap: a resume resends from the first missing step.
         todo = [b for b in batch if b[0] not in failed_runs]
         try:
-            if store is not None and todo:
-                for run_id, reason in store.write(todo).items():
+            if store is not None:
+                for run_id, reason in (store.write(todo) if todo else {}).items():
                     fail(run_id, f"MlflowException: {reason}")
             else:
                 for run_id, ts, columns in todo:
