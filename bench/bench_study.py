@@ -11,7 +11,9 @@ last worker's exit. Replaces the "Study throughput" section of bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -61,6 +63,7 @@ def main() -> int:
     counts = [int(n) for n in args.workers.split(",")]
 
     home = Path(tempfile.mkdtemp(prefix="bench-study-"))
+    atexit.register(shutil.rmtree, home, True)  # after main's own cleanup: the servers are stopped by then
     (home / "data").symlink_to(REPO / "data", target_is_directory=True)
     os.environ["VAE_PIPELINE_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)

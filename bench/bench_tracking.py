@@ -18,7 +18,9 @@ over the whole run, the final wait included. Replaces the "Metric ingest" sectio
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -151,7 +153,9 @@ def main() -> int:
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    os.environ["VAE_PIPELINE_HOME"] = tempfile.mkdtemp(prefix="vae-bench-tracking-")
+    home = tempfile.mkdtemp(prefix="vae-bench-tracking-")
+    atexit.register(shutil.rmtree, home, True)  # a store of millions of points: gigabytes
+    os.environ["VAE_PIPELINE_HOME"] = home
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from pipeline import tracking
 

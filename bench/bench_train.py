@@ -15,8 +15,10 @@ best epoch of each is compared. Writes bench/RESULTS.md with the figures and the
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -199,6 +201,7 @@ def main() -> int:
 
     splits = ensure_splits(DataConfig(), log=lambda *_: None)
     work = Path(tempfile.mkdtemp(prefix="vae-bench-"))
+    atexit.register(shutil.rmtree, work, True)  # runs, checkpoints and a torchvision copy of the data
     os.environ["VAE_PIPELINE_HOME"] = str(work)  # a throwaway MLflow store for the tracked runs
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     tv_root = _torchvision_root(splits, work / "torchvision")
