@@ -189,16 +189,6 @@ class SqliteMetricStore:
         conn.executemany(_LATEST_UPSERT, [(key, value, ts, step, nan, run_id)
                                           for key, (step, ts, value, nan) in latest.items()])
 
-    def last_steps(self, run_id: str, keys: list[str]) -> dict[str, int]:
-        """Largest stored step per key (−1 where none), from the (run, key, step) index."""
-        out = dict.fromkeys(keys, -1)
-        for key in keys:
-            row = self.conn.execute("SELECT MAX(step) FROM metrics WHERE run_uuid = ? AND \"key\" = ?",
-                                    (run_id, key)).fetchone()
-            if row[0] is not None:
-                out[key] = int(row[0])
-        return out
-
 
 def open_fast_store(uri: str) -> tuple[SqliteMetricStore | None, str]:
     """The fast path for `uri` when it can be used, else (None, why not)."""

@@ -123,7 +123,7 @@ def test_refused_points_are_the_ones_log_batch_refuses_and_other_runs_are_stored
     assert [(s, v) for s, _, v in _history(c, good, "a")] == [(0, 1.0), (1, 2.0), (2, 3.0)]
     assert _history(c, bad_name, "a") == [(0, 1, 1.0)]  # what came before the refused block
     assert _history(c, deleted, "a") == []
-    assert store.last_steps(good, ["a", "b"]) == {"a": 2, "b": -1}
+    assert tracking.reopen_run(good).last_steps(["a", "b"]) == {"a": 2, "b": -1}
 
 
 @pytest.mark.parametrize("name", ["train/loss", "val/kl_mc_sd", "a.b-c_d e", "ratio: x/y", "ünïcode", "x" * 250,
