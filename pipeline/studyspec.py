@@ -1,6 +1,6 @@
 """Study files: YAML → a validated study specification, and grid/OFAT designs → logical trials.
 
-A study file holds only what differs from the run defaults (DESIGN.md §2). Everything is checked at
+A study file holds only what differs from the run defaults (README, "Study files"). Everything is checked at
 load time, before anything runs: unknown keys name themselves and the allowed keys, every value of
 every factor is validated as a full run config (so a likelihood or schedule outside its registry is
 named with the allowed values), and objective metrics must be ones the pipeline records.
