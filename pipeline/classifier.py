@@ -2,8 +2,8 @@
 
 MNIST-family papers measure a Fréchet distance in the features of a classifier trained on the same
 data, in place of Inception features (no ImageNet weights here, and they fit 28×28 greyscale badly).
-Distances are comparable only under the same frozen classifier, so it is cached next to the split
-it was trained on, with its seed and test accuracy.
+Distances, KID and precision/recall (pipeline.metrics) are comparable only under the same frozen
+classifier, so it is cached next to the split it was trained on, with its seed and test accuracy.
 """
 
 from __future__ import annotations

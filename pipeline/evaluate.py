@@ -2,7 +2,12 @@
 
 Results go to ``metrics.json`` next to the checkpoint and, under ``test/``, into the run's own
 MLflow run (never a new one). Re-evaluating overwrites ``metrics.json`` and logs newer points at
-the same step, which MLflow then shows as the run's values.
+the same step, which MLflow then shows as the run's values. ``metrics.json`` is strict JSON: a measure
+that is not defined (NaN) is written as null and left out of MLflow; ``read_metrics`` reads it back as NaN.
+
+Prior samples are compared with the test images in the feature space of the frozen classifier
+(pipeline.classifier) three ways: the Fréchet distance, KID, and k-NN precision and recall, which
+tell blurred or broken samples (low precision) from a model that misses part of the data (low recall).
 
 Per-dimension KL measures (``test/kl_dim_max``, ``test/collapsed_dims``, the KL bar chart) exist only
 for a prior that factorizes over dimensions: for a mixture prior the KL of one coordinate is not
@@ -191,6 +196,7 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         out[f"test/sharpness/recon_{name}"] = value
     for name, value in sharp_samples.items():
         out[f"test/sharpness/samples_{name}"] = value
+    quality_params: dict = {}
     if classifier is not None:
         from pipeline.classifier import predict
 
@@ -203,6 +209,8 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         if test_labels is not None:
             labels = test_labels[: recon_all.shape[0]].cpu()
             out["test/recon_class_acc"] = float((recon_pred.cpu() == labels).float().mean())
+        quality, quality_params = sample_quality(sample_features, real_features, seed)
+        out.update(quality)
     set_sizes = {}
     for prefix, data in (other_sets or {}).items():
         set_gen = torch.Generator(device=dev).manual_seed(seed)
@@ -219,7 +227,7 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
         "params": {"iwae_k": k, "mi_batch": b, "n_samples": n_samples, "hf_cutoff": 0.25, "test_images": n_test,
                    "recon_images": recon_all.shape[0], "dequantized": int(dequantize),
                    "pixel_by_pixel": int(model.autoregressive), "trainset_images": set_sizes.get("trainset", 0),
-                   "augmented": int("test_aug" in set_sizes)},
+                   "augmented": int("test_aug" in set_sizes), **quality_params},
     }
     if out_dir is not None:
         per_dim = kl_stats["kl_per_dim"] if kl_stats is not None else activity
@@ -227,6 +235,30 @@ def evaluate_model(model: VAE, cfg: RunConfig, test: DeviceData, reference: torc
                                       generator=gen)
     model.train()
     return result
+
+
+def sample_quality(sample_features: torch.Tensor, real_features: torch.Tensor, seed: int) -> tuple[dict, dict]:
+    """KID and k-NN precision / recall of prior samples against test images in the classifier's feature
+    space, as ({"test/…": value}, the settings used).
+
+    KID's subsets are drawn from a generator of their own (seeded with `seed`), so every other metric sees
+    the same random draws as before these measures existed. Precision and recall compare equally many
+    points of each set, as Kynkäänniemi et al. 2019 do (the larger set keeps its first n: a set's k-NN
+    radii shrink as it grows); with no more than k points they are not defined (NaN).
+    Reconstructions get neither: with one per test image, their recall asks whether the encoder keeps
+    images apart, which the collapse measures answer, and their blur has its own measures (recon sharpness
+    and Fréchet distance); leaving them out also keeps the evaluation's time down."""
+    kid, kid_std = M.kernel_inception_distance(sample_features, real_features,
+                                               generator=torch.Generator().manual_seed(seed))
+    n = min(sample_features.shape[0], real_features.shape[0])
+    if n > M.PR_NEIGHBOURS:
+        precision, recall = M.precision_recall(real_features[:n], sample_features[:n])
+    else:
+        precision = recall = math.nan
+    metrics = {"test/kid": kid, "test/kid_std": kid_std, "test/precision": precision, "test/recall": recall}
+    params = {"kid_subsets": M.KID_SUBSETS, "kid_subset_size": min(M.KID_SUBSET_SIZE, n), "pr_k": M.PR_NEIGHBOURS,
+              "pr_images": n}
+    return metrics, params
 
 
 @torch.no_grad()
@@ -258,12 +290,37 @@ def _images(model: VAE, test, recon_all, samples_all, per_dim: torch.Tensor, is_
         files.append(_per_dim_bar_chart(per_dim, M.COLLAPSED_KL, "KL", "mean KL (nats)",
                                         f"collapsed below {M.COLLAPSED_KL} nats", out_dir / "kl_per_dim.png"))
         kl_json = out_dir / "kl_per_dim.json"
-        kl_json.write_text(json.dumps([float(v) for v in per_dim]))
+        kl_json.write_text(json.dumps(strict_json([float(v) for v in per_dim]), allow_nan=False))
         files.append(kl_json)
     else:
         files.append(_per_dim_bar_chart(per_dim, M.ACTIVE_UNIT_THRESHOLD, "activity", "activity Cov_x(E_q[z_j])",
                                         f"inactive below {M.ACTIVE_UNIT_THRESHOLD}", out_dir / "activity_per_dim.png"))
     return files
+
+
+def strict_json(obj):
+    """`obj` with every NaN and ±inf float replaced by None (JSON's null): JSON has no such numbers (RFC 8259),
+    and strict parsers (JavaScript's JSON.parse, jq) reject Python's NaN token. `read_metrics` maps null back."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: strict_json(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(value) for value in obj]
+    return obj
+
+
+def read_metrics(path: Path) -> dict:
+    """A metrics.json as evaluate_stage wrote it, with the null of an undefined measure (written for NaN) back
+    as NaN in `metrics`, `params` and the entries of `kl_per_dim` (itself null for a prior that does not
+    factorize). Raises OSError or ValueError as json does."""
+    saved = json.loads(Path(path).read_text())
+    for section in ("metrics", "params"):
+        if isinstance(saved.get(section), dict):
+            saved[section] = {key: math.nan if value is None else value for key, value in saved[section].items()}
+    if isinstance(saved.get("kl_per_dim"), list):
+        saved["kl_per_dim"] = [math.nan if value is None else value for value in saved["kl_per_dim"]]
+    return saved
 
 
 def _per_dim_bar_chart(values: torch.Tensor, threshold: float, name: str, ylabel: str, below: str, path: Path) -> Path:
@@ -341,14 +398,17 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     m = result["metrics"]
     settings = {"k": k_arg, "batch_size": batch_size, "mi_batch": mi_batch, "n_samples": n_samples_arg,
                 "test_subset": test_subset, "train_subset": train_subset}  # as asked, before defaults
-    atomic_write_json({"checkpoint": str(checkpoint), "epoch": ck["epoch"], "step": ck["step"], "run_id": ck.get("run_id"),
-                       "settings": settings, **result,
-                       "artifacts": [str(p) for p in result.get("artifacts", [])]}, checkpoint.parent / METRICS_FILE)
+    atomic_write_json(strict_json({"checkpoint": str(checkpoint), "epoch": ck["epoch"], "step": ck["step"],
+                                   "run_id": ck.get("run_id"), "settings": settings, **result,
+                                   "artifacts": [str(p) for p in result.get("artifacts", [])]}),
+                      checkpoint.parent / METRICS_FILE)
     log(
         f"[evaluate] iwae_nll {m['test/iwae_nll']:.2f}  elbo {m['test/elbo']:.2f}  kl {m['test/kl']:.2f}  "
         f"active {m['test/active_units']}/{cfg.model.latent_dim}  MI {m['test/mutual_info']:.2f}  "
         f"z_gap {m['test/z_usage_gap']:.2f}  FD {m['test/fd_classifier']:.2f}  recon acc {m['test/recon_class_acc']:.1%}  "
-        f"sample sharpness (laplacian) {m['test/sharpness/samples_laplacian_ratio']:.2f}× data"
+        f"sample sharpness (laplacian) {m['test/sharpness/samples_laplacian_ratio']:.2f}× data  "
+        f"KID {m['test/kid']:.3g} ± {m['test/kid_std']:.2g}  precision {m['test/precision']:.2f}  "
+        f"recall {m['test/recall']:.2f}"
     )
     for name in other_sets:
         log(f"[evaluate] {SET_PREFIXES[name]}: elbo {m[f'{name}/elbo']:.2f}  recon_nll {m[f'{name}/recon_nll']:.2f}  "
@@ -393,7 +453,7 @@ def record_saved_evaluation(checkpoint: Path, step: int, sink, settings: dict, l
     between): log only the points the run lacks, so no (key, step) is stored twice. False when there is no
     such evaluation (a user's own re-evaluation with other settings included): then evaluate as usual."""
     try:
-        saved = json.loads((checkpoint.parent / METRICS_FILE).read_text())
+        saved = read_metrics(checkpoint.parent / METRICS_FILE)
     except (OSError, ValueError):
         return False
     if (sink.run_id is None or saved.get("run_id") != sink.run_id or saved.get("step") != step

@@ -103,13 +103,20 @@ TABLE: tuple[Metric, ...] = (
            of=("test/recon_nll", "test/recon_nll_mean_z")),
     Metric("gap/clean_augmented_elbo", "clean − augmented test ELBO", "nats/image", kind="derived",
            of=("test/elbo", "test_aug/elbo")),
+    # Blur against mode dropping (pipeline.evaluate.sample_quality), after the rows above so that the columns
+    # summary.csv already had keep their places.
+    _m("test/kid", "sample KID (classifier feat.)", "", "minimize"),
+    _m("test/kid_std", "s.d. of the sample KID over subsets", ""),
+    _m("test/precision", "sample precision (k-NN, classifier feat.)", "fraction", "maximize"),
+    _m("test/recall", "sample recall (k-NN, classifier feat.)", "fraction", "maximize"),
     _m("val/elbo", "validation ELBO", "nats/image", "maximize"),
     _m("val/recon_nll", "validation recon. NLL", "nats/image", "minimize"),
     _m("val/kl", "validation KL rate", "nats/image"),
     # How an evaluation was run: logged as test/ points so a re-evaluation replaces them.
     *(_m(f"test/{name}", name.replace("_", " "), "", kind="setting") for name in (
         "iwae_k", "mi_batch", "n_samples", "hf_cutoff", "test_images", "recon_images", "dequantized",
-        "pixel_by_pixel", "classifier_test_accuracy", "trainset_images", "augmented")),
+        "pixel_by_pixel", "classifier_test_accuracy", "trainset_images", "augmented", "kid_subsets",
+        "kid_subset_size", "pr_k", "pr_images")),
     _m("test/eval_seconds", "evaluation time", "s", kind="timing"),
 )
 METRICS: dict[str, Metric] = {m.key: m for m in TABLE}

@@ -181,3 +181,115 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     inner = root_a @ cov_b @ root_a
     tr_cross = torch.linalg.eigvalsh((inner + inner.T) / 2).clamp(min=0).sqrt().sum()
     return float(((mu_a - mu_b) ** 2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_cross)
+
+
+# --- sample quality: blur against mode dropping --------------------------------------------------
+KID_SUBSETS = 100  # Bińkowski et al. 2018 report KID's mean and standard deviation over 100 subsets
+KID_SUBSET_SIZE = 1000  # … of 1,000 images each
+PR_NEIGHBOURS = 3  # k of the k-NN manifolds: Kynkäänniemi et al. 2019 use k = 3
+# Squared distances below this share of the largest |x|² are rounding error of the matrix-product form
+# |a|² + |b|² − 2 aᵀb (near 1e-15 in float64) and are taken as 0: identical feature vectors are then at
+# distance exactly 0, as the ≤ of the k-NN manifolds needs (see precision_recall).
+_SAME_POINT = 1e-12
+
+
+def polynomial_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KID's kernel k(x, y) = (xᵀy / d + 1)³ between the rows of (M, d) and (N, d), as (M, N)
+    (Bińkowski et al. 2018, "Demystifying MMD GANs")."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(k_aa: torch.Tensor, k_bb: torch.Tensor, k_ab: torch.Tensor) -> float:
+    """The unbiased estimate of MMD² from kernel matrices within and across two samples of M and N points
+    (Gretton et al. 2012, "A kernel two-sample test", Eq. 3): the within-sample means leave out the
+    diagonal (i ≠ j), the cross term keeps every pair. It can be negative when the two distributions
+    are the same."""
+    m, n = k_aa.shape[0], k_bb.shape[0]
+    within_a = (k_aa.sum() - k_aa.diagonal().sum()) / (m * (m - 1))
+    within_b = (k_bb.sum() - k_bb.diagonal().sum()) / (n * (n - 1))
+    return float(within_a + within_b - 2 * k_ab.mean())
+
+
+def kernel_inception_distance(features_a: torch.Tensor, features_b: torch.Tensor, n_subsets: int = KID_SUBSETS,
+                              subset_size: int = KID_SUBSET_SIZE,
+                              generator: torch.Generator | None = None) -> tuple[float, float]:
+    """KID (Bińkowski et al. 2018): the unbiased MMD² with the cubic polynomial kernel between two feature
+    sets (N, d), (M, d), averaged over `n_subsets` pairs of random subsets of min(subset_size, N, M) rows
+    each (drawn without replacement within a subset, from `generator` on the CPU).
+
+    Returns (mean, standard deviation over the subsets, n − 1). The standard deviation is the spread of one
+    subset's estimate, not the error of the mean (the subsets overlap); when neither set is larger than
+    `subset_size`, every subset is a whole set and it is 0. The mean is ≈ 0 for two samples of one
+    distribution, unlike the Fréchet distance, whose plug-in estimate is biased upwards for small N."""
+    a, b = features_a.double(), features_b.double()
+    size = min(subset_size, a.shape[0], b.shape[0])
+    if size < 2 or n_subsets < 1:
+        raise ValueError(f"KID needs subsets of at least 2 rows and at least one subset, got {size} rows "
+                         f"from feature sets of {a.shape[0]} and {b.shape[0]}, {n_subsets} subsets")
+    estimates = torch.empty(n_subsets, dtype=torch.float64)
+    for i in range(n_subsets):
+        x = a[torch.randperm(a.shape[0], generator=generator)[:size].to(a.device)]
+        y = b[torch.randperm(b.shape[0], generator=generator)[:size].to(b.device)]
+        estimates[i] = mmd2_unbiased(polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y))
+    return float(estimates.mean()), float(estimates.std()) if n_subsets > 1 else 0.0
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor, sq_norm_a: torch.Tensor, sq_norm_b: torch.Tensor,
+                       zero_below: float) -> torch.Tensor:
+    """‖a_i − b_j‖², (M, N), as |a|² + |b|² − 2 aᵀb (one matrix product); values ≤ `zero_below` set to 0."""
+    d2 = torch.addmm(sq_norm_b[None, :], a, b.T, alpha=-2).add_(sq_norm_a[:, None])
+    return d2.masked_fill_(d2 <= zero_below, 0.0)
+
+
+def _row_blocks(n_rows: int, n_cols: int, max_elements: int) -> list[slice]:
+    """Consecutive blocks of rows of an (n_rows, n_cols) matrix, each at most `max_elements` (≥ 1 row)."""
+    step = max(1, max_elements // max(1, n_cols))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def knn_radii_squared(features: torch.Tensor, k: int = PR_NEIGHBOURS, max_elements: int = 2**22) -> torch.Tensor:
+    """Squared distance of each row of (N, d) to its k-th nearest other row, (N,): the radius of its
+    hypersphere in the k-NN estimate of the set's manifold (Kynkäänniemi et al. 2019, Sec. 2).
+
+    A point's own distance (0) is the smallest of its row, so the (k+1)-th smallest is the k-th other
+    point; an identical copy counts as another point, at distance 0. Distances are computed a block of
+    rows at a time, at most `max_elements` of them at once (32 MB of float64 by default)."""
+    x = features.double()
+    n = x.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"a k-NN manifold needs 1 ≤ k < the number of points, got k={k} for {n} points")
+    sq_norm = (x * x).sum(1)
+    zero_below = _SAME_POINT * float(sq_norm.max())
+    radii = torch.empty(n, dtype=torch.float64, device=x.device)
+    for rows in _row_blocks(n, n, max_elements):
+        d2 = _squared_distances(x[rows], x, sq_norm[rows], sq_norm, zero_below)
+        radii[rows] = d2.topk(k + 1, dim=1, largest=False).values[:, k]  # the (k+1)-th smallest
+    return radii
+
+
+def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = PR_NEIGHBOURS,
+                     max_elements: int = 2**22) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, Eqs. 1–2) of generated against real
+    feature vectors (N, d), (M, d).
+
+    Each set's manifold is the union of balls around its points, each ball reaching the point's k-th
+    nearest neighbour in the set. Precision is the share of generated points inside the real manifold
+    (low: samples off the data, e.g. blurred or with artefacts); recall is the share of real points
+    inside the generated manifold (low: parts of the data the model never produces, mode dropping).
+
+    A point is inside a ball when its distance is ≤ the radius, as in the paper: a ball of radius 0 (a
+    point with k identical copies) then still holds the point itself, so two identical sets score
+    precision = recall = 1 and a set of copies of one real image has recall ≈ 1/N, not 0. The
+    generated × real distances are computed once, a block of generated rows at a time."""
+    r, g = real.double(), generated.double()
+    real_radii = knn_radii_squared(r, k, max_elements)
+    generated_radii = knn_radii_squared(g, k, max_elements)
+    sq_norm_r, sq_norm_g = (r * r).sum(1), (g * g).sum(1)
+    zero_below = _SAME_POINT * max(float(sq_norm_r.max()), float(sq_norm_g.max()))
+    in_real = torch.zeros(g.shape[0], dtype=torch.bool, device=g.device)
+    covered = torch.zeros(r.shape[0], dtype=torch.bool, device=r.device)
+    for rows in _row_blocks(g.shape[0], r.shape[0], max_elements):
+        d2 = _squared_distances(g[rows], r, sq_norm_g[rows], sq_norm_r, zero_below)  # (block, N)
+        in_real[rows] = (d2 <= real_radii[None, :]).any(1)
+        covered |= (d2 <= generated_radii[rows, None]).any(0)
+    return float(in_real.double().mean()), float(covered.double().mean())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ EXPECTED_KEYS = {
     "test/elbo", "test/recon_nll", "test/recon_nll_mean_z", "test/kl", "test/iwae_nll",
     "test/kl_dim_max", "test/collapsed_dims", "test/active_units", "test/mutual_info", "test/z_usage_gap",
     "test/iwae_k", "test/mi_batch", "test/fd_classifier", "test/recon_fd_classifier", "test/recon_class_acc",
+    "test/kid", "test/kid_std", "test/precision", "test/recall", "test/pr_k", "test/pr_images",
 } | {f"test/sharpness/{w}_{m}{r}" for w in ("recon", "samples") for m in ("laplacian", "tenengrad", "hf_energy")
      for r in ("", "_ratio")}
 
@@ -66,6 +68,12 @@ def test_training_ends_with_an_evaluation_in_the_same_run(trained):
     assert len(saved["kl_per_dim"]) == 6
     # The IWAE bound is at least as tight as the single-sample ELBO (up to Monte Carlo noise).
     assert saved["metrics"]["test/iwae_nll"] <= -saved["metrics"]["test/elbo"] + 0.5
+    # Prior samples against the test images: 200 samples and the first 200 test images for precision/recall.
+    assert saved["params"]["pr_images"] == 200 and saved["params"]["kid_subset_size"] == 200
+    for key in ("test/kid", "test/kid_std", "test/precision", "test/recall"):
+        assert saved["metrics"][key] == pytest.approx(run.data.metrics[key]), key
+    assert 0 <= saved["metrics"]["test/precision"] <= 1 and 0 <= saved["metrics"]["test/recall"] <= 1
+    assert saved["metrics"]["test/kid_std"] > 0
     assert (run_dir / "eval" / "latent_traversals.png").exists()
     assert len(_runs("ev")) == 1
 
@@ -131,8 +139,6 @@ def test_the_feature_classifier_is_accurate_and_its_frechet_distance_separates_d
     ("gaussian_learned", [], True),
 ])
 def test_bits_per_dim_is_reported_on_a_comparable_scale(home, likelihood, extra, dequantized):
-    import math
-
     cfg = build_config(overrides=[*TRAIN_SMALL, *EVAL_SMALL, f"likelihood.name={likelihood}", *extra,
                                   "tracking.enabled=false"])
     result = train_stage(cfg, progress=False, **QUIET)
@@ -144,9 +150,16 @@ def test_bits_per_dim_is_reported_on_a_comparable_scale(home, likelihood, extra,
     assert m["test/bits_per_dim"] > 0
 
 
-def test_bernoulli_on_grey_levels_reports_no_bits_per_dim(trained):
-    m = json.loads((Path(trained.run_dir) / METRICS_FILE).read_text())["metrics"]
-    assert m["test/bits_per_dim"] != m["test/bits_per_dim"]  # NaN: not a likelihood of 8-bit data
+def test_bernoulli_on_grey_levels_reports_no_bits_per_dim_as_null_in_strict_json(trained):
+    from pipeline.evaluate import read_metrics
+
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    path = Path(trained.run_dir) / METRICS_FILE
+    strict = json.loads(path.read_text(), parse_constant=no_constants)  # no NaN token anywhere in the file
+    assert strict["metrics"]["test/bits_per_dim"] is None  # not a likelihood of 8-bit data
+    assert math.isnan(read_metrics(path)["metrics"]["test/bits_per_dim"])
 
 
 def test_a_kill_after_the_evaluation_was_recorded_never_stores_a_test_point_twice(home, monkeypatch):
