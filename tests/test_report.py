@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +20,8 @@ from scipy import stats
 
 from pipeline.metric_table import DERIVED, is_eval_key, is_result
 
-from .conftest import REPO
+from .browser import chromium as _chromium
+from .browser import keep_screenshot
 
 # A few seconds per trial on a 2-core CPU; enough data and steps that β = 100 with a deeper decoder
 # reliably collapses (no active unit, no information in z) and β = 0.5 reliably does not.
@@ -223,15 +222,6 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe:
-        return exe
-    if os.environ.get("CI"):
-        pytest.fail("headless Chromium is required in CI (Debian package chromium; make test installs it as root)")
-    pytest.skip("chromium is not installed (Debian: apt-get install chromium, or run make test as root)")
-
-
 def _open_in_chromium(html_file: Path, tmp: Path) -> tuple[dict, list[str]]:
     """Load `html_file` with the image check injected; return the check's result and console lines."""
     probe = tmp / f"probe-{html_file.name}"
@@ -273,9 +263,7 @@ def test_the_html_opens_in_headless_chromium_with_no_broken_image_and_no_console
         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", out.stderr[-2000:]
     assert shot.stat().st_size > 50_000  # a rendered page, not a blank one
-    keep = REPO / "reports" / "test-artifacts"  # git-ignored (reports/*)
-    keep.mkdir(parents=True, exist_ok=True)
-    shutil.copy(shot, keep / "report_screenshot.png")
+    keep_screenshot(shot)
 
 
 def test_a_study_that_is_not_finished_still_reports_and_names_what_is_missing(study):
@@ -291,3 +279,114 @@ def test_a_study_that_is_not_finished_still_reports_and_names_what_is_missing(st
     assert math.isnan(one_seed["test/active_units.std"]) and math.isnan(one_seed["test/active_units.ci95_low"])
     for name in ("kl_per_dimension", "training_curves", "rate_distortion", "images"):
         assert (study.partial / "figures" / f"{name}.png").exists(), name
+
+
+# --- statistics a reviewer accepts: Holm-corrected differences, the grid's ANOVA, the importance evaluator ---
+def _md_table(md: str, header_start: str) -> pd.DataFrame:
+    """The Markdown table whose header line starts with `header_start`, cells as strings."""
+    lines = md[md.index(header_start):].splitlines()
+    lines = lines[:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]
+    rows = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
+    return pd.DataFrame(rows[2:], columns=rows[0])
+
+
+def test_differences_carry_welch_p_values_holm_corrected_over_the_family(study):
+    """summary.csv's p-values against an independent computation from the MLflow runs: Welch's test per
+    (config, target) against the reference (the grid's first point), Holm over all of them."""
+    from statsmodels.stats.multitest import multipletests
+
+    from pipeline.tracking import client
+
+    c = client()
+    exp = c.get_experiment_by_name("report_t")
+    runs = [r for r in c.search_runs([exp.experiment_id], max_results=1000)
+            if r.data.tags.get("study") == "report_t" and r.data.tags.get("role") != "study"]
+    summary = pd.read_csv(study.full / "summary.csv").set_index("config")
+    reference = HEALTHY  # β = 0.5, depth 1: the first grid point (the study sets no baseline)
+    targets = ["test/active_units", "test/iwae_nll", "test/mutual_info"]  # objectives, then the collapse targets
+    values = {}
+    for r in runs:
+        point = summary.index[summary.point == r.data.tags["point"]][0]
+        for t in targets:
+            values.setdefault((point, t), []).append(r.data.metrics[t])
+    keys, raw = [], []
+    for config in summary.index.drop(reference):
+        for t in targets:
+            a, b = values[(config, t)], values[(reference, t)]
+            if pd.Series(a).var() + pd.Series(b).var() > 0:
+                p = stats.ttest_ind(a, b, equal_var=False).pvalue
+            else:  # every seed agrees on both sides (a count): the interval is one point, excluding 0 or not
+                p = 0.0 if sum(a) / len(a) != sum(b) / len(b) else 1.0
+            keys.append((config, t))
+            raw.append(p)
+            assert summary.loc[config, f"{t}.diff"] == pytest.approx(sum(a) / len(a) - sum(b) / len(b), rel=1e-9, abs=1e-12)
+    holm = multipletests(raw, method="holm")[1]
+    for (config, t), p, adjusted in zip(keys, raw, holm):
+        assert summary.loc[config, f"{t}.p_raw"] == pytest.approx(p, rel=1e-9, abs=1e-15), (config, t)
+        assert summary.loc[config, f"{t}.p_holm"] == pytest.approx(adjusted, rel=1e-9, abs=1e-15), (config, t)
+        assert summary.loc[config, f"{t}.p_holm"] >= summary.loc[config, f"{t}.p_raw"]
+    assert summary.loc[reference, [f"{t}.{s}" for t in targets for s in ("diff", "p_raw", "p_holm")]].isna().all()
+
+    md = (study.full / "report.md").read_text()
+    html = (study.full / "report.html").read_text()
+    family = "over the family of all 9 tests of this comparison: 3 configs × 3 metrics, each against the reference"
+    assert md.count(family) == 2 and html.count(family) == 2  # the figure's caption and the table's
+    table = _md_table(md, "| config | seeds | Δ test/active_units |")
+    assert len(table) == 3 and "p Holm test/iwae_nll" in table.columns
+    for _, row in table.iterrows():  # the marker is the adjusted p-value's, not the interval's
+        for t in targets:
+            significant = summary.loc[row.config, f"{t}.p_holm"] < 0.05
+            assert row[f"Δ {t}"].endswith(" *") == significant, (row.config, t)
+
+
+def test_a_grid_with_two_seeds_gets_a_factorial_anova_per_objective_and_collapse_measure(study):
+    from pipeline.report.analysis import analyze
+    from pipeline.report.collect import collect
+    from pipeline.report.stats import AnovaFit
+
+    md = (study.full / "report.md").read_text()
+    assert "**Factorial ANOVA.**" in md and "Type II sums of squares" in md
+    assert ">Factorial ANOVA.</strong>" in (study.full / "report.html").read_text()
+    a = analyze(collect(study.spec))
+    assert list(a.anova) == ["test/active_units", "test/iwae_nll", "test/collapsed_dims", "test/mutual_info",
+                             "test/z_usage_gap"]
+    fits = {m: f for m, f in a.anova.items() if isinstance(f, AnovaFit)}
+    assert "test/iwae_nll" in fits  # the NLL varies from seed to seed: always testable
+    for metric, why in a.anova.items():  # a measure whose seeds agree exactly (a count) says so in a note
+        if isinstance(why, str):
+            assert f"`{metric}`: no ANOVA, {why}." in md
+    table = _md_table(md, "| metric | term | df |")
+    nll = table[table.metric == "test/iwae_nll"].set_index("term")
+    assert list(nll.index) == ["objective.beta", "model.decoder_depth", "objective.beta × model.decoder_depth", "residual"]
+    assert list(nll.df) == ["1", "1", "1", "4"]  # 8 runs − 4 cells
+    assert float(nll.loc["objective.beta", "p"]) < 0.05  # β = 100 collapses: its NLL is far worse than β = 0.5's
+    fit = fits["test/iwae_nll"].table.set_index("term")
+    assert float(nll.loc["objective.beta", "partial η²"]) == pytest.approx(fit.loc["objective.beta", "partial_eta_sq"], rel=1e-3)
+
+
+def test_the_importance_caption_names_the_evaluator_that_ran(study, monkeypatch):
+    import optuna
+
+    from pipeline.report import figures as F
+    from pipeline.report.analysis import analyze
+    from pipeline.report.collect import collect
+    from pipeline.report.importance import param_importances
+
+    md = (study.full / "report.md").read_text()
+    assert "Optuna's fANOVA evaluator (Hutter et al. 2014" in md and "PED-ANOVA evaluator" not in md
+    a = analyze(collect(study.spec))
+    assert param_importances(a).evaluator == "fANOVA"
+
+    def without_scikit_learn(*args, **kwargs):  # what Optuna's constructor raises when sklearn cannot be imported
+        raise ImportError("No module named 'sklearn'")
+
+    monkeypatch.setattr(optuna.importance, "FanovaImportanceEvaluator", without_scikit_learn)
+    fallback = param_importances(a)
+    assert fallback.evaluator == "PED-ANOVA" and set(fallback.by_target) <= set(a.targets) and fallback.by_target
+    figure = F.importances(a, study.home / "fallback_figures", param_importances)
+    assert "PED-ANOVA evaluator" in figure.caption and "scikit-learn" in figure.caption and "fANOVA evaluator" not in figure.caption
+
+
+def test_the_report_cites_no_file_a_user_does_not_have(study):
+    for name in ("report.md", "report.html"):
+        assert "DESIGN.md" not in (study.full / name).read_text(), name

@@ -11,13 +11,28 @@ import pandas as pd
 from pipeline.errors import PipelineError
 from pipeline.metric_table import with_derived
 from pipeline.report.collect import REMEDY_KINDS, Factor, StudyData, baseline_point, config_label
-from pipeline.report.stats import config_summary, pareto_ranks, result_metric_names, t_interval
+from pipeline.report.stats import (
+    LEVEL,
+    AnovaFit,
+    config_summary,
+    factorial_anova,
+    holm_adjust,
+    pareto_ranks,
+    result_metric_names,
+    t_interval,
+    welch_difference,
+    welch_p_value,
+)
 from pipeline.report.verdict import collapse_onset, verdict_of
 from pipeline.studyspec import StudySpec, point_key
 from pipeline.vae.decoders import DECODERS
 
 MAX_PANELS = 16  # configs in a small-multiple figure; larger studies show a spread of the leaderboard
 COLLAPSE_TARGETS = ("test/active_units", "test/mutual_info")
+# The measures the collapse verdict rests on (verdict.RULE): with the objectives, what the ANOVA of a grid explains.
+VERDICT_MEASURES = ("test/active_units", "test/collapsed_dims", "test/mutual_info", "test/z_usage_gap")
+# Per config and target, in summary.csv: the difference against the reference and its two p-values.
+DIFFERENCE_SUFFIXES = ("diff", "p_raw", "p_holm")
 # What a more powerful decoder takes from the code, in the decoder-power view.
 POWER_METRICS = ("test/kl", "test/active_units", "test/mutual_info")
 # Per run, how its decoder and remedy are described (collect.decoder_of, collect.remedy_of).
@@ -46,6 +61,10 @@ class Analysis:
     # pixel-by-pixel notes on images are shown only then.
     autoregressive: bool = False
     power: pd.DataFrame | None = None  # summary rows with their decoder and remedy, in decoder-power order
+    # One row per (config, target) against the reference: see DIFFERENCE_COLUMNS. Empty without a reference.
+    differences: pd.DataFrame | None = None
+    # Grids only (None otherwise): {metric: AnovaFit or why not}, or one sentence why no metric has one.
+    anova: dict[str, AnovaFit | str] | str | None = None
 
     def factor(self, key: str) -> Factor:
         return next(f for f in self.factors if f.key == key)
@@ -160,6 +179,71 @@ def power_cells(finished: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+DIFFERENCE_COLUMNS = ["point", "config", "metric", "n", "n_reference", "diff", "ci95_low", "ci95_high", "p_raw", "p_holm"]
+
+
+def reference_differences(summary: pd.DataFrame, finished: pd.DataFrame, baseline: str | None,
+                          targets: list[str]) -> pd.DataFrame:
+    """Every other config minus the reference, per target: mean difference, 95% Welch interval, the raw
+    p-value of the Welch test that interval inverts, and Holm's adjustment over the family of every
+    (config, target) pair with a test (DIFFERENCE_COLUMNS). Configs in summary order, targets in order."""
+    if baseline is None:
+        return pd.DataFrame(columns=DIFFERENCE_COLUMNS)
+    base = finished[finished.point == baseline]
+    rows = []
+    for _, cfg in summary[summary.point != baseline].iterrows():
+        runs = finished[finished.point == cfg.point]
+        for t in targets:
+            mine, ref = runs[t].to_numpy(float), base[t].to_numpy(float)
+            rows.append({"point": cfg.point, "config": cfg.config, "metric": t, "n": len(runs), "n_reference": len(base),
+                         **dict(zip(("diff", "ci95_low", "ci95_high"), welch_difference(mine, ref))),
+                         "p_raw": welch_p_value(mine, ref)})
+    out = pd.DataFrame(rows, columns=DIFFERENCE_COLUMNS[:-1])
+    out["p_holm"] = holm_adjust(out.p_raw.to_numpy(float)) if len(out) else []
+    return out
+
+
+def holm_note(differences: pd.DataFrame) -> str:
+    """The sentence that says which p-values are corrected, how, and over which family."""
+    tested = differences[np.isfinite(differences.p_raw.to_numpy(float))] if len(differences) else differences
+    if tested.empty:
+        return ("No difference has two seeds on both sides, so none is tested and no p-value is given; no "
+                "difference should be claimed.")
+    return (f"p-values: Welch's t-test (the test the interval inverts), two-sided, corrected with Holm's step-down "
+            f"method (Holm 1979) over the family of all {len(tested)} tests of this comparison: "
+            f"{tested.point.nunique()} configs × {tested.metric.nunique()} metrics, each against the reference "
+            f"(a difference is significant when its Holm-adjusted p < {1 - LEVEL:.2g}). The intervals are not "
+            "adjusted: one can exclude 0 while its difference does not survive the correction.")
+
+
+def _with_differences(summary: pd.DataFrame, differences: pd.DataFrame, targets: list[str]) -> pd.DataFrame:
+    """summary with `<target>.diff/.p_raw/.p_holm` appended (NaN for the reference and where no test ran)."""
+    wide = {f"{t}.{s}": summary.point.map(differences[differences.metric == t].set_index("point")[s]).astype(float)
+            for t in targets for s in DIFFERENCE_SUFFIXES}
+    return summary.assign(**wide)
+
+
+def anova_targets(objectives: list[tuple[str, str]], metrics: list[str]) -> list[str]:
+    """The objectives, then the measures the collapse verdict rests on, those the runs recorded."""
+    return [m for m in dict.fromkeys([m for m, _ in objectives] + list(VERDICT_MEASURES)) if m in metrics]
+
+
+def grid_anova(spec: StudySpec, finished: pd.DataFrame, factors: list[Factor],
+               targets: list[str]) -> dict[str, AnovaFit | str] | str | None:
+    """The factorial ANOVA of each target over the grid's factors, seeds as replicates: None for a
+    study that is not a grid (OFAT moves one factor at a time; searches have no design), else
+    {target: fit or why not}, or one sentence when no target can have one."""
+    if spec.sampler != "grid":
+        return None
+    if len(spec.seeds) < 2:
+        return ("The study runs one seed per config, so no effect can be told from seed-to-seed variation: "
+                "a factorial ANOVA needs at least two seeds.")
+    if finished.empty or not targets:
+        return "No finished run has an objective or collapse measure yet."
+    keys = [f.key for f in factors]
+    return {t: factorial_anova(finished, t, keys) for t in targets}
+
+
 def analyze(data: StudyData, interaction: tuple[str, str] | None = None) -> Analysis:
     spec = data.spec
     runs = data.runs
@@ -189,6 +273,10 @@ def analyze(data: StudyData, interaction: tuple[str, str] | None = None) -> Anal
                         _interaction(data.factors, interaction), None, "", onsets,
                         _shown(summary) if not summary.empty else [])
     analysis.baseline, analysis.baseline_note = _baseline(data, summary)
+    analysis.differences = reference_differences(summary, finished, analysis.baseline, targets)
+    if not summary.empty:
+        analysis.summary = _with_differences(summary, analysis.differences, targets)
+    analysis.anova = grid_anova(spec, finished, data.factors, anova_targets(objectives, metrics))
     analysis.autoregressive = bool(len(runs) and runs.autoregressive.any()) or names_autoregressive_decoder(spec)
     if analysis.autoregressive:
         analysis.power = power_table(summary, finished)

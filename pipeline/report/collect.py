@@ -336,6 +336,7 @@ def _kl_vectors(data: StudyData) -> dict[str, np.ndarray]:
         if path is None:
             continue
         try:
+            # Strict JSON writes a NaN as null (pipeline.evaluate.strict_json); as a float array it is NaN again.
             out[run_id] = np.asarray(json.loads(path.read_text()), dtype=float)
         except (OSError, ValueError):
             continue

@@ -23,9 +23,10 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 from pipeline import metric_table  # noqa: E402
 from pipeline.metrics import COLLAPSED_KL  # noqa: E402
-from pipeline.report.analysis import POWER_METRICS, Analysis, power_cells, remedy_order  # noqa: E402
+from pipeline.report.analysis import POWER_METRICS, Analysis, holm_note, power_cells, remedy_order  # noqa: E402
 from pipeline.report.collect import CURVE_BINS, DECODER_NAMES, Factor, fmt_level  # noqa: E402
-from pipeline.report.stats import LEVEL, t_interval, welch_difference  # noqa: E402
+from pipeline.report.importance import FANOVA, PED_ANOVA, Importances  # noqa: E402
+from pipeline.report.stats import LEVEL, t_interval  # noqa: E402
 from pipeline.report.verdict import prior_factorizes  # noqa: E402
 
 VERDICT_COLORS = {"collapsed": "#c44e52", "partial": "#dd8452", "healthy": "#55a868", "n/a": "#8c8c8c"}
@@ -737,10 +738,22 @@ def interaction(a: Analysis, out: Path) -> Figure | str:
     return save(fig, "interaction", out, caption)
 
 
-def importances(a: Analysis, out: Path, compute: Callable[[Analysis], dict[str, dict[str, float]] | str]) -> Figure | str:
-    result = compute(a)
-    if isinstance(result, str):
-        return result
+# How the importance caption describes each evaluator.
+EVALUATOR_TEXT = {
+    FANOVA: "Optuna's fANOVA evaluator (Hutter et al. 2014; a random forest fitted to every finished run, seeds as "
+            "replicates)",
+    PED_ANOVA: "Optuna's PED-ANOVA evaluator (Watanabe et al. 2023), used because scikit-learn, which fANOVA needs, "
+               "is not installed (installing it gives fANOVA); PED-ANOVA asks which levels the best 10% of the "
+               "finished runs (by the metric's direction; active units and I(x; z): higher) favour over all of them, "
+               "which says little on the few configs of a small grid",
+}
+
+
+def importances(a: Analysis, out: Path, compute: Callable[[Analysis], Importances | str]) -> Figure | str:
+    computed = compute(a)
+    if isinstance(computed, str):
+        return computed
+    result = computed.by_target
     targets = list(result)
     with _style():
         fig, axes = plt.subplots(1, len(targets), figsize=(0.6 + 2.8 * len(targets), 0.8 + 0.35 * len(a.factors)),
@@ -757,10 +770,9 @@ def importances(a: Analysis, out: Path, compute: Callable[[Analysis], dict[str, 
             ax.set_xlabel("importance (share of variance)")
             ax.set_title(_wrap(metric_label(t), 30), fontsize=8.5)
         fig.tight_layout()
-    caption = ("Hyperparameter importances per target metric: Optuna's fANOVA evaluator (Hutter et al. 2014; a random "
-               "forest fitted to every finished run, seeds as replicates), normalized to sum to 1 per metric. They "
-               "rank factors by how much of the metric's variance each explains on its own; a small study gives "
-               "rough numbers.")
+    caption = (f"Hyperparameter importances per target metric: {EVALUATOR_TEXT[computed.evaluator]}, normalized to "
+               "sum to 1 per metric. They rank factors by how much of the metric's variance each explains on its "
+               "own; a small study gives rough numbers.")
     return save(fig, "importances", out, caption)
 
 
@@ -804,20 +816,22 @@ def baseline_differences(a: Analysis, out: Path) -> Figure | str:
     others = a.summary[a.summary.point != a.baseline]
     if others.empty:
         return "Only the reference config has finished runs."
-    base_runs = a.finished[a.finished.point == a.baseline]
     targets = a.targets
+    alpha = 1 - LEVEL
     with _style():
         fig, axes = plt.subplots(1, len(targets), figsize=(0.8 + 2.6 * len(targets), 0.9 + 0.3 * len(others)),
                                  squeeze=False, sharey=True)
         labels = list(others.config)
         for ax, t in zip(axes[0], targets):
-            for y, (_, cfg) in enumerate(others.iterrows()):
-                runs = a.finished[a.finished.point == cfg.point]
-                diff, lo, hi = welch_difference(runs[t].to_numpy(float), base_runs[t].to_numpy(float))
-                sure = np.isfinite(lo) and (lo > 0 or hi < 0)
-                color = "#4c72b0" if sure else "#8c8c8c"
-                err = [[diff - lo], [hi - diff]] if np.isfinite(lo) else None
-                ax.errorbar([diff], [y], xerr=err, fmt="o", color=color, ms=4, capsize=2, lw=1)
+            mine = a.differences[a.differences.metric == t].set_index("point")
+            for y, point in enumerate(others.point):
+                d = mine.loc[point]
+                # The marker says what survives the correction; the bar is the unadjusted interval.
+                holm, raw = d.p_holm < alpha, d.p_raw < alpha
+                color = "#4c72b0" if raw else "#8c8c8c"
+                err = [[d["diff"] - d.ci95_low], [d.ci95_high - d["diff"]]] if np.isfinite(d.ci95_low) else None
+                ax.errorbar([d["diff"]], [y], xerr=err, fmt="o", color=color, mfc="white" if raw and not holm else color,
+                            ms=4, capsize=2, lw=1)
             ax.axvline(0, color="black", lw=0.8)
             ax.set_yticks(range(len(labels)), labels)
             ax.set_ylim(len(labels) - 0.5, -0.5)
@@ -825,6 +839,8 @@ def baseline_differences(a: Analysis, out: Path) -> Figure | str:
         fig.tight_layout()
     caption = (f"Differences against the reference config ({a.baseline_note}): mean over seeds of each config minus "
                "that of the reference, with 95% Welch intervals (unequal variances, Welch–Satterthwaite degrees of "
-               "freedom). Blue: the interval excludes 0; grey: it does not, or there are too few seeds for an "
-               "interval (fewer than 2 on either side), in which case no difference should be claimed.")
+               f"freedom). Filled blue: significant after Holm's correction (adjusted p < {alpha:.2g}); open blue: the "
+               "interval excludes 0 but the difference does not survive the correction; grey: neither, or too few "
+               "seeds for a test (fewer than 2 on either side), in which case no difference should be claimed. "
+               + holm_note(a.differences))
     return save(fig, "baseline_differences", out, caption)

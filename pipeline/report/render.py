@@ -113,7 +113,7 @@ def _inline_html(text: str) -> str:
 
 
 _VERDICT_CLASS = {"collapsed", "partial", "healthy"}
-_NUMBER = re.compile(r"^[−+-]?[\d.,]+(e[−+-]?\d+)?( \[.*\])?$")
+_NUMBER = re.compile(r"^[−+-]?[\d.,]+(e[−+-]?\d+)?( \[.*\])?( \*)?$")  # " *": a significance marker
 
 
 def _is_text(v) -> bool:

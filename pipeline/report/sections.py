@@ -10,10 +10,10 @@ import pandas as pd
 
 from pipeline.report import figures as F
 from pipeline.report import inference
-from pipeline.report.analysis import Analysis, power_cells, remedy_order
+from pipeline.report.analysis import Analysis, holm_note, power_cells, remedy_order
 from pipeline.report.collect import DECODER_NAMES, STATES, fmt_level
 from pipeline.report.render import Bullets, Document, FigureBlock, Section, Table, Text, figure_block
-from pipeline.report.stats import INTERVAL_NOTE, mean_ci, welch_difference
+from pipeline.report.stats import ANOVA_NOTE, INTERVAL_NOTE, LEVEL, mean_ci
 from pipeline.report.verdict import ONSET_RULE, RULE, measures_of, prior_factorizes
 
 
@@ -287,34 +287,90 @@ def decoder_power(a: Analysis, figs: dict) -> Section | None:
     return Section("Decoder power", blocks)
 
 
+# Prior samples against the test images in the classifier's feature space (pipeline.evaluate.sample_quality).
+SAMPLE_QUALITY = {"test/fd_classifier": "Fréchet dist.", "test/kid": "KID", "test/precision": "precision",
+                  "test/recall": "recall"}
+
+
+def _sample_quality_table(a: Analysis) -> Table | None:
+    """None when no config has any of the measures (runs evaluated before they existed, or no classifier)."""
+    if a.summary.empty or not any(f"{m}.mean" in a.summary for m in SAMPLE_QUALITY):
+        return None
+    rows = [{"config": r.config, "seeds": int(r.n_runs), **{name: mean_ci(r, m) for m, name in SAMPLE_QUALITY.items()}}
+            for _, r in a.summary.iterrows()]
+    return Table(pd.DataFrame(rows), "Prior samples against the test images, in the features of the dataset's frozen "
+                                     "classifier, means over seeds [95% t-interval]: Fréchet distance, KID (unbiased "
+                                     "MMD², Bińkowski et al. 2018: ≈ 0 when the samples follow the data's distribution) "
+                                     "and k-NN precision and recall (Kynkäänniemi et al. 2019, k = 3). Low precision = "
+                                     "samples off the data manifold (blur, artefacts); low recall = parts of the data "
+                                     "the model never produces (mode dropping).")
+
+
 def sharpness(a: Analysis, figs: dict) -> Section:
     blocks: list = [
         Text("Blur is measured on reconstructions and on prior samples, each relative to the real test images, so "
-             "1.0 means as sharp as the data (DESIGN.md §4; Pech-Pacheco et al. 2000, Krotkov 1987)."),
+             "1.0 means as sharp as the data (Pech-Pacheco et al. 2000, Krotkov 1987; the README, 'Evaluation')."),
     ]
     if a.autoregressive:
         blocks.append(Text(f"**Pixel by pixel.** {F.PIXEL_BY_PIXEL}"))
     blocks += [_figure(figs, "sharpness", "Sharpness ratios"), _figure(figs, "images", "Data, reconstructions and samples")]
+    quality = _sample_quality_table(a)
+    if quality is not None:
+        blocks.append(quality)
     return Section("Sharpness", blocks)
 
 
 def _baseline_table(a: Analysis) -> Table | None:
-    if a.baseline is None:
+    if a.baseline is None or a.differences is None or a.differences.empty:
         return None
-    base = a.finished[a.finished.point == a.baseline]
+    alpha = 1 - LEVEL
+    tested = bool(np.isfinite(a.differences.p_holm.to_numpy(float)).any())  # else the p column would be all –
     rows = []
-    for _, cfg in a.summary[a.summary.point != a.baseline].iterrows():
-        runs = a.finished[a.finished.point == cfg.point]
-        row = {"config": cfg.config, "seeds": f"{len(runs)} vs {len(base)}"}
-        for t in a.targets:
-            diff, lo, hi = welch_difference(runs[t].to_numpy(float), base[t].to_numpy(float))
-            row[f"Δ {t}"] = "–" if not np.isfinite(diff) else (f"{diff:+.4g}" if not np.isfinite(lo) else
-                                                              f"{diff:+.4g} [{lo:+.4g}, {hi:+.4g}]")
+    for _, tests in a.differences.groupby("point", sort=False):
+        first = tests.iloc[0]
+        row = {"config": first.config, "seeds": f"{first.n} vs {first.n_reference}"}
+        for _, d in tests.iterrows():
+            diff, lo, hi = d["diff"], d.ci95_low, d.ci95_high
+            cell = "–" if not np.isfinite(diff) else (f"{diff:+.4g}" if not np.isfinite(lo) else
+                                                     f"{diff:+.4g} [{lo:+.4g}, {hi:+.4g}]")
+            row[f"Δ {d.metric}"] = cell + (" *" if d.p_holm < alpha else "")
+            if tested:
+                row[f"p Holm {d.metric}"] = d.p_holm
         rows.append(row)
-    if not rows:
-        return None
     return Table(pd.DataFrame(rows), f"Config minus reference ({a.baseline_note}), mean over seeds [95% Welch "
-                                     "interval]; no interval when either side has fewer than two seeds.")
+                                     "interval]; no interval when either side has fewer than two seeds. * marks a "
+                                     f"difference with Holm-adjusted p < {alpha:.2g}. " + holm_note(a.differences)
+                                     + " Raw and adjusted p-values of every difference are in `summary.csv`.")
+
+
+def _anova_blocks(a: Analysis) -> list:
+    """The factorial ANOVA of a grid: a table of every target's terms, or why there is none."""
+    if a.anova is None:
+        return []
+    intro = Text("**Factorial ANOVA.** Which factors and two-way interactions move each objective and collapse "
+                 "measure by more than seed-to-seed noise: read the terms with a small p, and rank them by partial η², "
+                 "the share of the variance not explained by the other terms that a term explains.")
+    if isinstance(a.anova, str):
+        return [intro, Text(a.anova)]
+    rows, notes = [], []
+    for metric, fit in a.anova.items():
+        if isinstance(fit, str):
+            notes.append(f"`{metric}`: no ANOVA, {fit}.")
+            continue
+        for _, r in fit.table.iterrows():
+            rows.append({"metric": metric, "term": r.term, "df": int(r.df), "sum of squares": r.sum_sq, "F": r.F,
+                         "p": r.p, "partial η²": r.partial_eta_sq})
+        if fit.left_out:
+            notes.append(f"`{metric}` ({fit.n} runs): left out of the model: {'; '.join(fit.left_out)}.")
+    blocks: list = [intro]
+    if rows:
+        blocks.append(Table(pd.DataFrame(rows), "Factorial ANOVA per metric: main effects and two-way interactions of "
+                                                "the grid's factors, one observation per finished run (seeds are "
+                                                "replicates). " + ANOVA_NOTE + " The p-values are per test, not "
+                                                "corrected across metrics."))
+    if notes:
+        blocks.append(Bullets(notes))
+    return blocks
 
 
 def tradeoffs(a: Analysis, figs: dict) -> Section:
@@ -329,6 +385,7 @@ def tradeoffs(a: Analysis, figs: dict) -> Section:
     table = _baseline_table(a)
     if table is not None:
         blocks.append(table)
+    blocks += _anova_blocks(a)
     return Section("Trade-offs", blocks)
 
 
@@ -339,6 +396,10 @@ def about(a: Analysis, storage_desc: str, tracking_desc: str, seconds: float | N
             "`summary.csv`: one row per config (finished runs grouped by the `point` tag): its levels, verdict and "
             "rank, and for every test metric `<metric>.mean`, `.std` (sample, n−1), `.ci95_low`, `.ci95_high` "
             "(Student-t, n−1 dof) and `.n` (seeds with a value). Evaluation settings (k, batch sizes) are left out.",
+            "`summary.csv`, for each metric compared with the reference config: `<metric>.diff` (config minus "
+            "reference), `<metric>.p_raw` (Welch's t-test, two-sided) and `<metric>.p_holm` (Holm-adjusted over "
+            "every difference the report tests); empty for the reference itself and where a side has fewer than "
+            "two seeds.",
             "`figures/`: every figure as PNG (embedded here) and PDF.",
             f"Data: MLflow {tracking_desc} (experiment `{a.data.spec.name}`), Optuna {storage_desc}.",
             "Regenerate: `make report STUDY=<study file>` or `python -m pipeline report <study file>`.",

@@ -2,10 +2,11 @@
 
 Posterior collapse is the posterior q(z|x) falling back onto the prior, so that z carries no
 information about x (Bowman et al. 2016; He et al. 2019). No single statistic shows it reliably,
-so the rule combines four the evaluate stage records (DESIGN.md §4): active units (Burda et al.
-2015: Cov_x E_q[z_j] > 0.01), the mutual information I(x; z) under the aggregate posterior (He et
-al. 2019), the per-dimension KL (a dimension carries information when its mean KL ≥ 0.01 nats) and
-z_usage_gap (how much worse the decoder reconstructs from another image's z: ≈ 0 when it ignores z).
+so the rule combines four the evaluate stage records (pipeline/metrics.py; the README, 'Reading the
+collapse measures', says why they can disagree): active units (Burda et al. 2015: Cov_x E_q[z_j] >
+0.01), the mutual information I(x; z) under the aggregate posterior (He et al. 2019), the
+per-dimension KL (a dimension carries information when its mean KL ≥ 0.01 nats) and z_usage_gap
+(how much worse the decoder reconstructs from another image's z: ≈ 0 when it ignores z).
 The per-dimension KL exists only for a prior that factorizes over dimensions; for the others (a
 mixture of Gaussians, the VampPrior) the rule rests on the three measures that never look at the prior.
 """
