@@ -135,9 +135,12 @@ def _async_sink(experiment: str, run_name: str):
     return MlflowAsyncRun(experiment, run_name=run_name)
 
 
-def run_pipeline(splits, epochs: int, seed: int, tracking: str, home: Path) -> tuple[list[float], float, Path]:
+def run_pipeline(splits, epochs: int, seed: int, tracking: str, home: Path,
+                 system_metrics_s: float | None = None) -> tuple[list[float], float, Path]:
     """Per-epoch loop images/s (as the pipeline logs them) and end-to-end images/s incl. final flush.
-    `tracking`: off, fast (as shipped), api (writer through log_batch), async (MLflow's async logging)."""
+    `tracking`: off, fast (as shipped), api (writer through log_batch), async (MLflow's async logging).
+    `system_metrics_s`: also run MLflow's system-metrics monitor, sampling every that many seconds
+    (bench/bench_system_metrics.py)."""
     from pipeline.checkpoint import CHECKPOINT, load_checkpoint
     from pipeline.config import build_config
     from pipeline.train import fit
@@ -154,10 +157,16 @@ def run_pipeline(splits, epochs: int, seed: int, tracking: str, home: Path) -> t
     else:
         from pipeline import tracking as tr
 
+        # The store first: a writer started on a home without one cannot open it and would fall back to the API.
+        tr.ensure_store(tr.tracking_uri())
         tr._writer_for(tr.tracking_uri(), fast=tracking == "fast")
         sink = tr.MlflowRun("bench", run_name=f"bench-{tracking}-{seed}")
     if tracking != "off":
         sink.log_params(cfg.flat())
+    if system_metrics_s is not None:
+        from pipeline.system_metrics import monitored
+
+        sink = monitored(sink, log=lambda *_: None, sampling_interval=system_metrics_s)
     t0 = time.perf_counter()
     fit(cfg, run_dir, sink, splits=splits, log=lambda *_: None, progress=False)
     sink.end("FINISHED")  # waits for every queued metric point to be written

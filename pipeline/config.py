@@ -208,6 +208,11 @@ class TrackingConfig(_Section):
     run_name: str | None = None
     # Per-step metrics are buffered on the device and sent every this many steps.
     flush_every: int = Field(100, ge=1)
+    # CPU, memory and (where NVML sees an NVIDIA GPU) GPU utilization, every 10 s, as system/… metrics of the
+    # run, by MLflow's monitor (pipeline.system_metrics); nothing with tracking off. Off by default, as in
+    # MLflow: its cost is below what throughput measurements resolve (bench/RESULTS.md, "System metrics"),
+    # but it adds a writer to the store per run, and its CPU figure is the whole machine's, not the run's.
+    system_metrics: bool = False
 
 
 class EvalConfig(_Section):
