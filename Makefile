@@ -93,8 +93,9 @@ demo: setup ## set up, then run the demo study (β × likelihood grid, train + e
 	@echo
 	@echo "Demo done: 4 trainings, each evaluated on the test set (likelihood, collapse, sharpness)."
 	@echo "  report: $(CURDIR)/reports/demo/report.html   (open it in a browser; also report.md, summary.csv, figures/)"
-	@echo "  make ui                                # http://127.0.0.1:$(PORT), experiment 'demo': the study run,"
-	@echo "                                         # a child run per trial with per-step losses, test/* metrics, images"
+	@echo "  make ui                                # the MLflow UI on http://127.0.0.1:$(PORT); then open the study's runs"
+	@echo "                                         # (its summary on the study run, a child run per trial) and the best run:"
+	@$(PY) -m pipeline ui --port $(PORT) --experiment demo --print-links | sed 's/^\[ui\] */      /'
 	@echo "  make dashboard STUDY=studies/demo.yaml  # http://127.0.0.1:8080, the Optuna view of the same study"
 	@echo "Killed midway? Run make demo again: finished trials are kept, the interrupted one resumes."
 
@@ -103,10 +104,12 @@ test: setup ## set up and run the test suite (CPU, a few minutes)
 	@$(DEBIAN_POSTGRES)
 	$(PY) -m pytest -q
 
-bench: setup ## training throughput vs a DataLoader loop and vs tracking off, metric ingest, PixelCNN sampling speed, report time (100 trials; 1,000 trials × 10,000 steps), status time, study trials/hour on PostgreSQL, tracking-server ingest; writes bench/RESULTS.md
+bench: setup ## training throughput vs a DataLoader loop and vs tracking off, system-metrics cost, metric ingest, KID/precision/recall cost, PixelCNN sampling speed, report time (100 trials; 1,000 trials × 10,000 steps), status time, study trials/hour on PostgreSQL, tracking-server ingest; writes bench/RESULTS.md
 	$(PY) bench/bench_train.py
+	$(PY) bench/bench_system_metrics.py
 	$(PY) bench/bench_tracking.py
 	$(PY) bench/bench_sampling.py
+	$(PY) bench/bench_sample_quality.py
 	$(PY) bench/bench_report.py
 	$(PY) bench/bench_report.py --scale 1000x10000
 	$(PY) bench/bench_study.py

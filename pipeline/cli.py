@@ -113,6 +113,10 @@ def _add_ui(sub) -> None:
     p = sub.add_parser("ui", help="serve the MLflow UI on 127.0.0.1 against the project's tracking store")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--workers", type=int, default=2, help="server processes (default 2; one user needs no more)")
+    p.add_argument("--print-links", action="store_true",
+                   help="print each experiment's links into the UI (runs, a run's metrics) and exit, serving nothing")
+    p.add_argument("--experiment", help="only this experiment's links (a study's experiment is named after it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,8 +174,20 @@ def _cmd_train(args) -> int:
     where = f"MLflow run {result.run_id}" if result.run_id else "tracking disabled"
     print(f"[train] {result.status}: {result.run_dir} ({where})")
     if result.run_id:
-        print("[train] browse it with: make ui  (then open http://127.0.0.1:5000)")
+        from pipeline.tracking import experiment_links
+
+        _print_links("train", experiment_links(cfg.tracking.experiment, result.run_id), "this run's metrics")
     return 0
+
+
+def _print_links(command: str, links, run_label: str) -> None:
+    """Where to look in the MLflow UI (tracking.UiLinks; None: nothing there yet)."""
+    if links is None:
+        return
+    after = "" if links.served else "   (after `make ui`)"
+    print(f"[{command}] MLflow runs: {links.runs}{after}")
+    if links.run_metrics:
+        print(f"[{command}] {run_label}: {links.run_metrics}")
 
 
 def _cmd_evaluate(args) -> int:
@@ -209,7 +225,10 @@ def _cmd_study(args) -> int:
 
     spec = load_study(args.study)
     progress = run_study(spec, _storage(args), max_trials=args.max_trials, wait=not args.no_wait)
-    print(f"[study] browse it: make ui (experiment {spec.name!r}); trial table: make status STUDY={args.study}")
+    from pipeline.study import mlflow_links
+
+    _print_links("study", mlflow_links(spec), "the best config's run, its metrics")
+    print(f"[study] trial table: make status STUDY={args.study}; Optuna's view: make dashboard STUDY={args.study}")
     return 0 if len(progress.done) + len(progress.running) == progress.total or args.max_trials else 1
 
 
@@ -265,9 +284,13 @@ def _cmd_report(args) -> int:
     from pipeline.report import report_stage
     from pipeline.studyspec import load_study
 
-    path = report_stage(load_study(args.study), _storage(args), args.out,
+    spec = load_study(args.study)
+    path = report_stage(spec, _storage(args), args.out,
                         interaction=tuple(args.interaction) if args.interaction else None, log_to_mlflow=not args.no_mlflow)
     print(f"[report] open it: {path}")
+    from pipeline.study import mlflow_links
+
+    _print_links("report", mlflow_links(spec), "the best config's run, its metrics")
     return 0
 
 
@@ -306,16 +329,41 @@ def _cmd_ui(args) -> int:
     import os
 
     from pipeline import paths
-    from pipeline.tracking import ensure_store, tracking_uri
+    from pipeline.errors import masked
+    from pipeline.tracking import ensure_store, pipeline_experiments, tracking_uri, ui_links
 
     ensure_store(tracking_uri())  # not mlflow ui's own in-place creation, which a kill can leave half done
+    base = f"http://{_loopback_if_any(args.host)}:{args.port}"
+    try:
+        experiments = pipeline_experiments(name=args.experiment)
+    except Exception as e:  # the links are a convenience: the UI is served all the same
+        print(f"[ui] could not list the experiments: {masked(str(e).splitlines()[0] if str(e) else type(e).__name__)}")
+        experiments = []
+    for name, experiment_id, run_id, what in experiments:
+        links = ui_links(base, experiment_id, run_id)
+        print(f"[ui] experiment {name!r}: {links.runs}\n[ui]   {what}, its metrics: {links.run_metrics}")
+    if args.print_links:
+        if not experiments:
+            print(f"[ui] no {'experiment ' + repr(args.experiment) if args.experiment else 'experiment'} with "
+                  "runs of this pipeline in the store yet")
+        return 0
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(),
-           "--host", args.host, "--port", str(args.port)]
+           "--host", args.host, "--port", str(args.port), "--workers", str(args.workers)]
     if tracking_uri().startswith("sqlite:"):
         cmd += ["--default-artifact-root", paths.mlflow_artifacts().as_uri()]
-    print(f"[ui] MLflow UI on http://{args.host}:{args.port}  (store: {tracking_uri()})", flush=True)
+    # MLflow's job runner serves GenAI features this pipeline does not use, and its processes keep two
+    # cores busy for ~20 s after start (bench/RESULTS.md, "Tracking server").
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    print(f"[ui] MLflow UI on {base}  (store: {masked(tracking_uri())}; Ctrl-C stops it)", flush=True)
     os.execv(sys.executable, cmd)
     return 0  # not reached
+
+
+def _loopback_if_any(host: str) -> str:
+    """The address a browser on this machine uses for a server bound to `host`."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def _os_error(e: OSError) -> str:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import paths
+from pipeline import paths, system_metrics
 from pipeline.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.config import RunConfig
-from pipeline.data import ensure_splits
+from pipeline.data import ensure_splits, processed_dir
 from pipeline.errors import PipelineError, masked
 from pipeline.evaluate import default_iwae_k, default_n_samples, evaluate_stage, record_saved_evaluation
 from pipeline.fileio import atomic_write_json, remove_leftovers
@@ -123,6 +123,9 @@ def train_stage(
     splits = ensure_splits(cfg.data, log=log)
     info = _read_json(info_path) or {}
     sink = _open_sink(cfg, info.get("run_id"), parent_run_id, {"run_dir": str(run_dir), **(extra_tags or {})})
+    if cfg.tracking.system_metrics:
+        # Stopped by sink.end, which every exit below reaches (the failure paths through _end_quietly).
+        sink = system_metrics.monitored(sink, log)
     try:
         _attach(cfg, sink, info, run_dir, splits, on_run, extra_tags, log)
     except BaseException as e:
@@ -135,6 +138,7 @@ def train_stage(
     try:
         result = fit(cfg, run_dir, sink, resume=ckpt_path.exists(), splits=splits, log=log, progress=progress,
                      on_epoch=on_epoch)
+        sink.log_artifact(ckpt_path, "checkpoint")  # in here: a store failing now ends the run FAILED, not RUNNING
     except StopEarly as e:
         sink.end("KILLED", tags={"pruned": "true", "pruned_at_epoch": str(e.epoch)})
         ck = load_checkpoint(ckpt_path)
@@ -156,7 +160,6 @@ def train_stage(
         _end_quietly(sink, "FAILED", f"error: {type(e).__name__}")
         raise
 
-    sink.log_artifact(ckpt_path, "checkpoint")
     try:
         e = cfg.eval
         settings = {"k": e.iwae_k, "batch_size": e.batch_size, "mi_batch": e.mi_batch, "n_samples": e.n_samples,
@@ -215,6 +218,9 @@ def _attach(cfg: RunConfig, sink, info: dict, run_dir: Path, splits, on_run, ext
             **(extra_tags or {}),
         }
     )
+    d = cfg.data  # the runs table's Dataset column; logged once, so a resumed run is left as it is
+    sink.log_dataset_input(d.dataset, splits.manifest_sha256, processed_dir(d.dataset, d.val_size, d.split_seed),
+                           splits.manifest)
     config_path = run_dir / "config.yaml"
     _write_config(cfg, config_path)
     sink.log_artifact(config_path)

@@ -29,6 +29,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,6 +112,11 @@ def open_study(spec: StudySpec, storage=None) -> optuna.Study:
             f"study {spec.name!r} already exists in this storage with directions {stored}, the file now says "
             f"{directions}; rename the study or delete {study_dir(spec)} to start over"
         )
+    names = [o.metric for o in spec.objectives]
+    if study.metric_names != names:  # optuna-dashboard then says test/active_units, not "Objective 0"
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what optuna-dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     return study
 
 
@@ -428,9 +434,132 @@ def _close_parent(spec: StudySpec, study: optuna.Study, log=print) -> None:
         run = client().get_run(run_id)
     except Exception:
         return
+    # A study that finished before its parent run carried the summary (or its experiment the kind tag)
+    # gets them now.
+    from pipeline.tracking import get_or_create_experiment
+
+    get_or_create_experiment(spec.name)
+    update_parent_summary(study, spec, run_id, len(expand_trials(spec)) if spec.sampler in FIXED_DESIGNS
+                          else spec.n_trials, log)
     if run.info.status == "RUNNING":
         client().set_terminated(run_id, status="FINISHED")
         log(f"[study {spec.name}] closed the study's MLflow run {run_id}, left running by an earlier command")
+
+
+# --- the study's summary on its parent run ---------------------------------------------------------
+# Besides the objectives, the parent shows these results of the best config, where its runs have them.
+HEADLINE_METRICS = ("test/iwae_nll", "test/elbo", "test/active_units", "test/mutual_info", "test/fd_classifier",
+                    "test/kid", "test/precision", "test/recall")
+
+
+def latest_attempts(trials: list[optuna.trial.FrozenTrial]) -> dict[int, optuna.trial.FrozenTrial]:
+    """The latest Optuna attempt of each logical trial (attempts without an index are left out)."""
+    latest: dict[int, optuna.trial.FrozenTrial] = {}
+    for t in trials:
+        idx = t.user_attrs.get("trial_index")
+        if idx is not None and (idx not in latest or t.number > latest[idx].number):
+            latest[idx] = t
+    return latest
+
+
+def trial_counts(trials: list[optuna.trial.FrozenTrial], total: int) -> dict[str, int]:
+    """Logical trials by the state of their latest attempt; `open` = never claimed (or enqueued, not yet asked)."""
+    states = [t.state for t in latest_attempts(trials).values()]
+    counts = {name: sum(s == state for s in states) for name, state in
+              (("complete", TrialState.COMPLETE), ("pruned", TrialState.PRUNED), ("failed", TrialState.FAIL),
+               ("running", TrialState.RUNNING))}
+    counts["open"] = total - sum(counts.values())
+    return counts
+
+
+def best_config(trials: list[optuna.trial.FrozenTrial], directions: list[str]) -> tuple[dict, list]:
+    """The leaderboard's first config and its complete trials, ranked as the report ranks configs: the
+    objectives averaged over a config's trials (its seeds, in a grid); the best by the first objective,
+    ties broken by the next. With several objectives that config is on the Pareto front, as the
+    report's rank 1 is (nothing can beat it on the first objective). ({}, []) when none is complete."""
+    configs: dict[str, tuple[dict, list]] = {}
+    for t in latest_attempts(trials).values():
+        if t.state != TrialState.COMPLETE or not t.values or not all(math.isfinite(v) for v in t.values):
+            continue
+        point = {k: v for k, v in t.params.items() if k != "seed"}
+        configs.setdefault(json.dumps(point, sort_keys=True, default=str), (point, []))[1].append(t)
+    if not configs:
+        return {}, []
+
+    def oriented_means(group: list) -> tuple[float, ...]:
+        means = [sum(t.values[i] for t in group) / len(group) for i in range(len(directions))]
+        return tuple(m if d == "minimize" else -m for m, d in zip(means, directions))
+
+    point, group = min(configs.values(), key=lambda pg: oriented_means(pg[1]))
+    return point, sorted(group, key=lambda t: t.user_attrs["trial_index"])
+
+
+def summary_metrics(spec: StudySpec, counts: dict[str, int], best: list,
+                    run_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """The parent run's numbers: `study/n_<state>` counts, and `best/<metric>` for the best config: its
+    objectives (the mean over its trials, as Optuna has them) and the headline results of its runs (mean
+    over the runs that have each)."""
+    out = {f"study/n_{state}": float(n) for state, n in counts.items()}
+    objectives = [o.metric for o in spec.objectives]
+    for i, key in enumerate(objectives):
+        if best:
+            out[f"best/{key}"] = sum(t.values[i] for t in best) / len(best)
+    for key in HEADLINE_METRICS:
+        values = [m[key] for m in run_metrics if key in m and math.isfinite(m[key])]
+        if key not in objectives and values:
+            out[f"best/{key}"] = sum(values) / len(values)
+    return out
+
+
+def update_parent_summary(study: optuna.Study, spec: StudySpec, parent_run_id: str | None, total: int,
+                          log=print) -> None:
+    """Bring the parent run's summary up to date (see `summary_metrics`; tags best_config, best_trials and
+    best_run_id name the config). Only what changed is written, at step = logical trials done, so a rerun
+    adds nothing and the run's charts show the study filling up. A store that fails here costs a warning,
+    not the study: the next trial's update, or a rerun, writes it."""
+    if not parent_run_id:
+        return
+    try:
+        _write_parent_summary(study, spec, parent_run_id, total)
+    except Exception as e:
+        log(f"[study {spec.name}] warning: could not update the summary on the study's MLflow run "
+            f"{parent_run_id}: {masked(f'{type(e).__name__}: {e}')[:300]}")
+
+
+def _write_parent_summary(study: optuna.Study, spec: StudySpec, parent_run_id: str, total: int) -> None:
+    from pipeline.tracking import client, record_changes
+
+    trials = study.get_trials(deepcopy=False)
+    counts = trial_counts(trials, total)
+    point, best = best_config(trials, [o.direction for o in spec.objectives])
+    run_ids = [rid for t in best for rid in (t.user_attrs.get("mlflow_run_ids") or {}).values()]
+    c = client()
+    run_metrics = []
+    for rid in dict.fromkeys(run_ids):
+        try:
+            run_metrics.append(c.get_run(rid).data.metrics)
+        except Exception:  # a run in another store, or deleted: the others still count
+            continue
+    tags = {"best_config": ", ".join(f"{k}={_short(v)}" for k, v in point.items()),
+            "best_trials": ", ".join(str(t.user_attrs["trial_index"]) for t in best),
+            "best_run_id": run_ids[0]} if best and run_ids else {}
+    # Done trials never become undone (a failure that is retried is not done), so steps only grow.
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and t.user_attrs.get("failure_reason") in DONE_FAILURES)
+               for t in latest_attempts(trials).values())
+    record_changes(parent_run_id, summary_metrics(spec, counts, best, run_metrics), tags, step=done)
+
+
+def mlflow_links(spec: StudySpec):
+    """The study's links into the MLflow UI (tracking.UiLinks): its runs, and the metrics of the best
+    config's first run (of the parent run while no trial is complete); None before the study has runs."""
+    from pipeline.tracking import experiment_links, get_run, study_parent_run
+
+    parent = _kept_parent_id(spec) if _is_parent_of(spec, _kept_parent_id(spec)) else study_parent_run(spec.name)
+    shown = parent
+    if parent:
+        shown = get_run(parent).data.tags.get("best_run_id") or parent
+    return experiment_links(spec.name, shown)
 
 
 def trial_run_dir(spec: StudySpec, ts: TrialSpec) -> Path:
@@ -463,10 +592,11 @@ def _pruning_callback(study: optuna.Study, spec: StudySpec, trial: optuna.Trial,
 
 
 def run_trial(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, runs: list[TrialSpec],
-              parent_run_id: str | None, log=print) -> str:
+              parent_run_id: str | None, log=print, experiment_id: str | None = None) -> str:
     """Train and evaluate one logical trial (one run per seed in searches); tell Optuna how it ended.
 
-    Returns the outcome: complete | pruned | diverged | objective_missing | error.
+    Returns the outcome: complete | pruned | diverged | objective_missing | error. With the MLflow
+    `experiment_id`, the trial also carries `mlflow_run_url`, its first run's metrics in the MLflow UI.
     """
     index, point = runs[0].index, runs[0].point
     heartbeat = Heartbeat(study, trial._trial_id)
@@ -491,7 +621,12 @@ def run_trial(study: optuna.Study, spec: StudySpec, trial: optuna.Trial, runs: l
                 # Recorded as soon as the run exists, so a takeover elsewhere can find it.
                 run_ids[str(seed)] = run_id
                 trial.set_user_attr("mlflow_run_ids", dict(run_ids))
-                trial.set_user_attr("mlflow_run_id", run_ids.get(str(runs[0].seed), run_id))
+                first = run_ids.get(str(runs[0].seed), run_id)
+                trial.set_user_attr("mlflow_run_id", first)
+                if experiment_id is not None:
+                    from pipeline.tracking import tracking_uri, ui_links
+
+                    trial.set_user_attr("mlflow_run_url", ui_links(tracking_uri(), experiment_id, first).run_metrics)
 
             result = train_stage(
                 cfg, run_dir, log=log, progress=False, parent_run_id=parent_run_id, on_epoch=on_epoch, on_run=on_run,
@@ -595,6 +730,9 @@ def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials
     from pipeline.tracking import check_reachable
 
     check_reachable()  # an unreachable tracking server stops the worker here, not mid-trial
+    from pipeline.tracking import get_or_create_experiment
+
+    experiment_id = get_or_create_experiment(spec.name)  # also tags an existing one as model training
     parent = _parent_run(spec, study, total)
     attempted: set[int] = set()
     announced = False
@@ -611,12 +749,14 @@ def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials
             time.sleep(WAIT_POLL_S)
             continue
         attempted.add(claimed[1][0].index)
-        run_trial(study, spec, *claimed, parent_run_id=parent, log=log)
+        run_trial(study, spec, *claimed, parent_run_id=parent, log=log, experiment_id=experiment_id)
+        update_parent_summary(study, spec, parent, total, log)
     after = scan(study, spec, total, reap=False)
     waiting = f", {len(after.running)} still running in other workers" if after.running else ""
     open_ = total - len(after.done) - len(after.running)
     retry = f", {open_} failed or not started and will be run by the same command" if open_ else ""
     log(f"[study {spec.name}] {len(after.done)}/{total} trials done{waiting}{retry}")
+    update_parent_summary(study, spec, parent, total, log)
     if parent and len(after.done) >= total:
         from pipeline.tracking import client
 
@@ -627,11 +767,7 @@ def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials
 def status_rows(spec: StudySpec, storage: str | None = None) -> list[dict]:
     """One row per logical trial, from its latest Optuna attempt."""
     study = open_study(spec, open_storage(spec, storage))
-    latest: dict[int, optuna.trial.FrozenTrial] = {}
-    for t in study.get_trials(deepcopy=False):
-        idx = t.user_attrs.get("trial_index")
-        if idx is not None and (idx not in latest or t.number > latest[idx].number):
-            latest[idx] = t
+    latest = latest_attempts(study.get_trials(deepcopy=False))
     if spec.sampler in FIXED_DESIGNS:
         planned = [(ts.index, ts.point, {"seed": ts.seed}) for ts in expand_trials(spec)]
     else:
@@ -659,10 +795,13 @@ def status_rows(spec: StudySpec, storage: str | None = None) -> list[dict]:
 
 def serve_dashboard(spec: StudySpec, storage: str | None, port: int) -> None:
     """optuna-dashboard on 127.0.0.1, in this process and on the storage object opened here, so a
-    storage URL (and any password in it) never lands on a command line."""
+    storage URL (and any password in it) never lands on a command line. The study is opened first, so
+    one made before its objectives were named gets their names."""
     from optuna_dashboard import run_server
 
-    run_server(open_storage(spec, storage), host="127.0.0.1", port=port)
+    opened = open_storage(spec, storage)
+    open_study(spec, opened)
+    run_server(opened, host="127.0.0.1", port=port)
 
 
 def launch_workers(study_file: str, n: int, storage: str | None = None, per_gpu: int = 1, log=print) -> int:

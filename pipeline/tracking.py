@@ -10,12 +10,15 @@ only, by the writer process."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import queue
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pipeline import paths
 from pipeline.errors import PipelineError, masked
@@ -27,7 +30,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Param, RunStatus, RunTag  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 
@@ -36,6 +39,55 @@ class TrackingError(PipelineError, RuntimeError):
 
 
 _PARAM_LIMIT = 100
+
+# The experiment tag MLflow 3's UI reads for an experiment's kind, and the value its own kind selector
+# writes for model training (mlflow/server/js: "mlflow.experimentKind", "custom_model_development").
+# Without it the UI infers the kind and offers a new experiment as GenAI work (traces, token usage).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_DEVELOPMENT = "custom_model_development"
+# Kinds that are the UI's guesses, not anyone's choice: replaced. A kind someone chose is kept.
+_GUESSED_KINDS = ("", "no_inferred_type", "genai_development_inferred", "custom_model_development_inferred")
+# `make ui` / `python -m pipeline ui` serve here unless told another port.
+DEFAULT_UI_PORT = 5000
+# MLflow keeps at most 36 characters of a dataset digest (mlflow/utils/validation.py,
+# MAX_DATASET_DIGEST_SIZE): the manifest's SHA-256 is shown by its first 12 hex digits, as a short git
+# commit is; the whole hash is in the dataset's profile and the run's dataset_manifest_sha256 tag.
+DATASET_DIGEST_CHARS = 12
+
+
+@dataclass(frozen=True)
+class UiLinks:
+    """Where the MLflow UI shows an experiment's runs and one run's metric charts."""
+
+    runs: str
+    run_metrics: str | None
+    served: bool  # the tracking server serves this UI itself; False: it is `make ui`'s, open it first
+
+
+def ui_links(tracking_uri: str, experiment_id: str, run_id: str | None = None,
+             ui_port: int = DEFAULT_UI_PORT) -> UiLinks:
+    """Links into the MLflow UI, in its model-training workflow: MLflow 3 opens an experiment in its
+    GenAI workflow unless the URL says `workflowType=machine_learning` (the UI then keeps that choice).
+
+    An http(s) tracking URI is a server that serves the UI itself (credentials, query and fragment
+    dropped); any other store is seen through `make ui` on 127.0.0.1:`ui_port`. The run link opens its
+    "Model metrics" tab (route `#/experiments/<id>/runs/<run>/model-metrics` of MLflow 3.17's UI).
+    """
+    parts = urlsplit(tracking_uri)
+    served = parts.scheme in ("http", "https")
+    if served:
+        base = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
+    else:
+        base = f"http://127.0.0.1:{ui_port}"
+    workflow = "workflowType=machine_learning"
+    runs = f"{base}/#/experiments/{experiment_id}/runs?{workflow}"
+    metrics = f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{workflow}" if run_id else None
+    return UiLinks(runs, metrics, served)
+
+
+def dataset_digest(manifest_sha256: str) -> str:
+    """The digest MLflow shows next to the dataset's name: the manifest's SHA-256, shortened to fit."""
+    return manifest_sha256[:DATASET_DIGEST_CHARS]
 
 
 def tracking_uri() -> str:
@@ -136,24 +188,72 @@ def check_reachable(timeout: float = 5.0) -> None:
 
 
 def get_or_create_experiment(name: str, c: MlflowClient | None = None) -> str:
+    """The experiment's id, created if needed; either way tagged as model training (see EXPERIMENT_KIND_TAG)."""
     c = c or client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        mark_model_development(exp, c)
         return exp.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:"):
         # Without this, artifacts land in ./mlruns of whichever directory created the experiment.
         location = f"{artifact_root()}/{name}"
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT})
     except mlflow.exceptions.MlflowException:
         # Another process created it between our lookup and create.
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
+        mark_model_development(exp, c)
         return exp.experiment_id
+
+
+def mark_model_development(exp, c: MlflowClient) -> None:
+    """Tag an experiment as model training unless it says so, or someone chose another kind for it:
+    experiments created before the tag existed get it the next time a command opens them."""
+    if exp.tags.get(EXPERIMENT_KIND_TAG, "") in _GUESSED_KINDS:
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
+
+
+def experiment_links(experiment: str, run_id: str | None = None, ui_port: int = DEFAULT_UI_PORT) -> UiLinks | None:
+    """The UI links of an existing experiment (and one of its runs), tagging it as model training on the
+    way; None when the store has no such experiment."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage != "active":
+        return None
+    mark_model_development(exp, c)
+    return ui_links(tracking_uri(), exp.experiment_id, run_id, ui_port)
+
+
+def pipeline_experiments(limit: int = 20, name: str | None = None) -> list[tuple[str, str, str, str]]:
+    """(name, id, run to show, what that run is) of the store's experiments that hold this pipeline's runs
+    (they carry a run_dir tag), most recently updated first (or only the one called `name`), each tagged
+    as model training. The run to show is a study's best run (its parent run's best_run_id tag), else the
+    latest run."""
+    c = client()
+    if name is not None:
+        exp = c.get_experiment_by_name(name)
+        candidates = [exp] if exp is not None and exp.lifecycle_stage == "active" else []
+    else:
+        candidates = c.search_experiments(order_by=["last_update_time DESC"], max_results=200)
+    found = []
+    for exp in candidates:
+        if len(found) == limit:
+            break
+        latest = c.search_runs([exp.experiment_id], "tags.run_dir LIKE '%'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+        if not latest:
+            continue
+        mark_model_development(exp, c)
+        parent = c.search_runs([exp.experiment_id], "tags.`role` = 'study'", max_results=1)
+        best = parent[0].data.tags.get("best_run_id") if parent else None
+        found.append((exp.name, exp.experiment_id, *((best, "the best config's run") if best
+                                                     else (latest[0].info.run_id, "the latest run"))))
+    return found
 
 
 class _MetricWriter:
@@ -333,6 +433,22 @@ class MlflowRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_dataset_input(self, name: str, manifest_sha256: str, prepared_dir: str | Path, manifest: dict) -> bool:
+        """Record the prepared dataset as the run's input (the UI's Dataset column), once: a resumed run
+        that has it already is left alone. Returns whether it was logged now."""
+        digest = dataset_digest(manifest_sha256)
+        have = self.client.get_run(self.run_id).inputs.dataset_inputs
+        if any(d.dataset.name == name and d.dataset.digest == digest for d in have):
+            return False
+        # source_type "local" with {"uri": …} is how MLflow's own local dataset source records a path.
+        profile = {"manifest_sha256": manifest_sha256, "original_source": manifest.get("source"),
+                   "counts": manifest.get("counts"), "val_size": manifest.get("val_size"),
+                   "split_seed": manifest.get("split_seed"), "splits_sha256": manifest.get("splits_sha256")}
+        dataset = Dataset(name=name, digest=digest, source_type="local",
+                          source=json.dumps({"uri": str(prepared_dir)}), profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+        return True
+
     def end(self, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
         """Store every queued point, then close the run with `status` (FAILED if points were lost)."""
         error = None
@@ -398,7 +514,24 @@ class NullRun:
         return {k: -1 for k in keys}
 
     def log_artifact(self, path, artifact_path=None): ...
+    def log_dataset_input(self, name, manifest_sha256, prepared_dir, manifest):
+        return False
+
     def end(self, status="FINISHED", tags=None): ...
+
+
+def record_changes(run_id: str, metrics: dict[str, float], tags: dict[str, str], step: int) -> list[str]:
+    """Log the metrics whose latest value differs (at `step`) and set the tags that differ: rerunning
+    with the same numbers writes nothing. Returns the keys written."""
+    c = client()
+    data = c.get_run(run_id).data
+    now = int(time.time() * 1000)
+    points = [Metric(k, float(v), now, step) for k, v in metrics.items()
+              if v == v and data.metrics.get(k) != float(v)]  # v == v: NaN is never written
+    changed = [RunTag(k, str(v)) for k, v in tags.items() if data.tags.get(k) != str(v)]
+    if points or changed:
+        c.log_batch(run_id, metrics=points, tags=changed)
+    return [m.key for m in points] + [t.key for t in changed]
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:

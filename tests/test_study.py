@@ -86,11 +86,12 @@ def _run_study_and_kill_it_when(home: Path, path: Path, ready: str) -> list[str]
     return cmd
 
 
-def test_a_tiny_grid_runs_every_trial_once_and_a_rerun_does_nothing(home):
+def test_a_tiny_grid_runs_every_trial_once_and_a_rerun_does_nothing(home, capsys, monkeypatch):
     from pipeline.study import run_study
     from pipeline.studyspec import load_study
 
-    spec = load_study(_write_study(home, "tiny", {"objective.beta": [1, 8]}, seeds=(0, 1)))
+    path = _write_study(home, "tiny", {"objective.beta": [1, 8]}, seeds=(0, 1))
+    spec = load_study(path)
     progress = run_study(spec, log=lambda *_: None)
     assert progress.done == {0, 1, 2, 3}
     runs = _check_study_integrity(home, "tiny", 4, steps_per_trial=4)
@@ -99,10 +100,91 @@ def test_a_tiny_grid_runs_every_trial_once_and_a_rerun_does_nothing(home):
     assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in runs)
     assert {(r.data.tags["trial"], r.data.tags["seed"]) for r in runs} == {("0", "0"), ("1", "1"), ("2", "0"), ("3", "1")}
     assert all(r.data.tags["config_hash"] and r.data.tags["study"] == "tiny" for r in runs)
+    summary = _check_what_the_mlflow_ui_and_the_dashboard_show(home, spec, runs, parent[0].info.run_id)
     before = len(_optuna_trials(home, "tiny"))
     messages = []
     run_study(spec, log=messages.append)
     assert "complete" in messages[0] and len(_optuna_trials(home, "tiny")) == before
+    assert _parent_points(parent[0].info.run_id) == summary  # the summary again: not one point added
+
+    from pipeline import cli
+    from pipeline.cli import main
+
+    monkeypatch.setattr(cli, "raise_on_sigterm", lambda: None)  # keep pytest's own SIGTERM handling
+    capsys.readouterr()
+    assert main(["study", str(path)]) == 0
+    printed = capsys.readouterr().out
+    best = _mlflow_runs("tiny")[0].info.experiment_id, _parent_tags(parent[0].info.run_id)["best_run_id"]
+    assert (f"[study] MLflow runs: http://127.0.0.1:5000/#/experiments/{best[0]}/runs?workflowType=machine_learning"
+            "   (after `make ui`)") in printed
+    assert (f"http://127.0.0.1:5000/#/experiments/{best[0]}/runs/{best[1]}/model-metrics"
+            "?workflowType=machine_learning") in printed
+    assert main(["ui", "--print-links", "--port", "5123"]) == 0
+    printed = capsys.readouterr().out
+    assert f"[ui] experiment 'tiny': http://127.0.0.1:5123/#/experiments/{best[0]}/runs?" in printed
+    assert f"[ui]   the best config's run, its metrics: http://127.0.0.1:5123/#/experiments/{best[0]}/runs/{best[1]}/" in printed
+
+
+def _parent_points(run_id: str) -> dict[str, list]:
+    from pipeline.tracking import client
+
+    c = client()
+    return {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in c.get_run(run_id).data.metrics}
+
+
+def _parent_tags(run_id: str) -> dict[str, str]:
+    from pipeline.tracking import client
+
+    return client().get_run(run_id).data.tags
+
+
+def _check_what_the_mlflow_ui_and_the_dashboard_show(home: Path, spec, runs: list, parent_id: str) -> dict:
+    """A finished grid in the tools users open (issue 15): the experiment is tagged model training; every run
+    has the dataset as its input once, digest from the manifest; the parent run carries the counts and the
+    best config's results, equal to an independent aggregation of the child runs; each Optuna trial links
+    to its run's metrics and the objectives have their metrics' names. Returns the parent's points."""
+    import hashlib
+
+    from pipeline.tracking import EXPERIMENT_KIND_TAG, client, tracking_uri, ui_links
+
+    c = client()
+    exp = c.get_experiment_by_name(spec.name)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    manifest = home / "data" / "processed" / "fashion-mnist" / "val5000-seed0" / "manifest.json"
+    sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    for r in runs:
+        (ds,) = c.get_run(r.info.run_id).inputs.dataset_inputs
+        assert (ds.dataset.name, ds.dataset.digest) == ("fashion-mnist", sha[:12])
+        assert json.loads(ds.dataset.source) == {"uri": str(manifest.parent)}
+
+    by_beta: dict[float, list] = {}
+    for r in runs:
+        by_beta.setdefault(float(r.data.params["objective.beta"]), []).append(r.data.metrics)
+    means = {b: sum(m["test/active_units"] for m in ms) / len(ms) for b, ms in by_beta.items()}
+    top = max(means.values())
+    tags = _parent_tags(parent_id)
+    best_beta = float(tags["best_config"].removeprefix("objective.beta="))
+    assert means[best_beta] == top, (tags, means)
+    metrics = c.get_run(parent_id).data.metrics
+    assert metrics["best/test/active_units"] == pytest.approx(top)
+    best_runs = by_beta[best_beta]
+    assert metrics["best/test/iwae_nll"] == pytest.approx(sum(m["test/iwae_nll"] for m in best_runs) / 2)
+    assert {k: v for k, v in metrics.items() if k.startswith("study/")} == {
+        "study/n_complete": 4, "study/n_pruned": 0, "study/n_failed": 0, "study/n_running": 0, "study/n_open": 0}
+    assert tags["best_run_id"] in {r.info.run_id for r in runs if float(r.data.params["objective.beta"]) == best_beta}
+    points = _parent_points(parent_id)
+    assert [s for s, _ in points["study/n_complete"]] == [1, 2, 3, 4]  # one point per finished trial
+
+    trials = _optuna_trials(home, spec.name)
+    for t in trials:
+        assert t.user_attrs["mlflow_run_url"] == ui_links(tracking_uri(), exp.experiment_id,
+                                                          t.user_attrs["mlflow_run_id"]).run_metrics
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    storage = JournalStorage(JournalFileBackend(str(home / "runs" / spec.name / "optuna.journal")))
+    assert optuna.load_study(study_name=spec.name, storage=storage).metric_names == ["test/active_units"]
+    return points
 
 
 def test_sigkill_mid_trial_then_the_same_command_finishes_with_nothing_lost_or_duplicated(home):
@@ -119,6 +201,9 @@ def test_sigkill_mid_trial_then_the_same_command_finishes_with_nothing_lost_or_d
     runs = _check_study_integrity(home, "killed", 3, steps_per_trial=2 * 2048 // 64)
     resumed = [r for r in runs if r.data.tags["trial"] == "1"]
     assert [r.info.run_id for r in resumed] == [killed_run]  # the same MLflow run, continued
+    from pipeline.tracking import get_run
+
+    assert len(get_run(killed_run).inputs.dataset_inputs) == 1  # attached twice, its dataset logged once
     died = [t for t in _optuna_trials(home, "killed") if t.user_attrs.get("failure_reason") == "worker_died"]
     assert [t.user_attrs["trial_index"] for t in died] == [1]
 
@@ -159,6 +244,10 @@ def test_a_diverged_trial_is_failed_with_its_reason_not_retried_and_the_study_go
     assert states == {0: ("FAIL", "diverged"), 1: ("COMPLETE", None)}
     runs = {r.data.tags["trial"]: r for r in _mlflow_runs("nan") if r.data.tags.get("role") != "study"}
     assert runs["0"].info.status == "FAILED" and runs["0"].data.tags["failure_reason"] == "diverged"
+    (parent,) = [r for r in _mlflow_runs("nan") if r.data.tags.get("role") == "study"]
+    assert {k: v for k, v in parent.data.metrics.items() if k.startswith("study/")} == {
+        "study/n_complete": 1, "study/n_pruned": 0, "study/n_failed": 1, "study/n_running": 0, "study/n_open": 0}
+    assert parent.data.tags["best_config"] == "likelihood.name=bernoulli"
     n = len(_optuna_trials(home, "nan"))
     run_study(spec, log=lambda *_: None)
     assert len(_optuna_trials(home, "nan")) == n  # not retried
@@ -293,6 +382,9 @@ def test_the_median_pruner_stops_a_hopeless_trial_and_its_run_says_so(home):
         assert int(run.data.tags["pruned_at_epoch"]) < 3
         assert set(t.intermediate_values) == set(range(1, int(run.data.tags["pruned_at_epoch"]) + 1))
         assert json.loads((Path(t.user_attrs["run_dirs"][0]) / "result.json").read_text())["status"] == "pruned"
+    (parent,) = [r for r in _mlflow_runs("prune") if r.data.tags.get("role") == "study"]
+    assert parent.data.metrics["study/n_pruned"] == len(pruned)
+    assert parent.data.metrics["study/n_complete"] == 6 - len(pruned)
     # Pruned trials are done: the same command runs nothing again.
     n = len(trials)
     run_study(spec, log=lambda *_: None)
@@ -551,3 +643,98 @@ def test_a_full_disk_stops_the_study_after_one_trial_instead_of_failing_them_all
     assert e.value.errno == errno.ENOSPC and calls == [1]
     states = [t.state.name for t in _optuna_trials(home, "full")]
     assert states == ["FAIL"]  # retried by the rerun, like any failed trial
+
+
+# --- what the study shows in the MLflow UI and optuna-dashboard ------------------------------------------
+def _frozen(number: int, index: int, state: str = "COMPLETE", values=None, **params):
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    t = optuna.trial.create_trial(
+        state=optuna.trial.TrialState[state], values=values if state == "COMPLETE" else None, params=params,
+        distributions={k: CategoricalDistribution([v]) for k, v in params.items()},
+        user_attrs={"trial_index": index, "mlflow_run_ids": {"0": f"run{number}"}})
+    t.number = number
+    return t
+
+
+def test_the_best_config_is_the_leaderboards_first_and_counts_follow_each_trials_latest_attempt():
+    from pipeline.study import best_config, trial_counts
+
+    # A grid of β × seed, maximized: β = 1 has the better mean (3.0 vs 2.5) though β = 8 has the best seed.
+    grid = [_frozen(0, 0, values=[2.0], **{"objective.beta": 1, "seed": 0}),
+            _frozen(1, 1, values=[4.0], **{"objective.beta": 1, "seed": 1}),
+            _frozen(2, 2, values=[5.0], **{"objective.beta": 8, "seed": 0}),
+            _frozen(3, 3, values=[0.0], **{"objective.beta": 8, "seed": 1}),
+            _frozen(4, 4, "FAIL", **{"objective.beta": 16, "seed": 0}),
+            _frozen(5, 4, values=[9.0], **{"objective.beta": 16, "seed": 0}),  # the retry of index 4
+            _frozen(6, 5, "PRUNED", **{"objective.beta": 16, "seed": 1}),
+            _frozen(7, 6, "RUNNING", **{"objective.beta": 32, "seed": 0})]
+    assert trial_counts(grid, total=8) == {"complete": 5, "pruned": 1, "failed": 0, "running": 1, "open": 1}
+    point, best = best_config(grid, ["maximize"])
+    assert point == {"objective.beta": 16} and [t.number for t in best] == [5]
+    point, best = best_config(grid[:4], ["maximize"])
+    assert point == {"objective.beta": 1} and [t.user_attrs["trial_index"] for t in best] == [0, 1]
+    assert best_config(grid[:4], ["minimize"])[0] == {"objective.beta": 8}  # mean 2.5 < 3.0
+    assert trial_counts(grid[:5], total=5)["failed"] == 1 and best_config([], ["maximize"]) == ({}, [])
+
+    # Two objectives (minimize NLL, maximize units): the best first objective, ties broken by the second;
+    # it is on the Pareto front, as the report's rank 1 is. A non-finite value leaves a config out.
+    two = [_frozen(0, 0, values=[90.0, 3.0], b=1), _frozen(1, 1, values=[90.0, 5.0], b=2),
+           _frozen(2, 2, values=[95.0, 9.0], b=3), _frozen(3, 3, values=[-float("inf"), 16.0], b=4)]
+    assert best_config(two, ["minimize", "maximize"])[0] == {"b": 2}
+
+
+def test_summary_metrics_hold_the_counts_the_objectives_and_the_best_configs_headline_results():
+    from pipeline.study import summary_metrics
+    from pipeline.studyspec import parse_study
+
+    spec = parse_study({"name": "s", "sampler": "grid", "base": TINY_BASE, "space": {"objective.beta": [1, 8]},
+                        "seeds": [0, 1], "objectives": [{"metric": "test/active_units", "direction": "maximize"}]})
+    best = [_frozen(0, 0, values=[2.0], b=1), _frozen(1, 1, values=[4.0], b=1)]
+    runs = [{"test/active_units": 2.0, "test/iwae_nll": 100.0, "test/elbo": -101.0, "train/kl": 5.0},
+            {"test/active_units": 4.0, "test/iwae_nll": 110.0, "test/elbo": float("nan")}]
+    counts = {"complete": 2, "pruned": 0, "failed": 1, "running": 0, "open": 1}
+    assert summary_metrics(spec, counts, best, runs) == {
+        "study/n_complete": 2.0, "study/n_pruned": 0.0, "study/n_failed": 1.0, "study/n_running": 0.0,
+        "study/n_open": 1.0, "best/test/active_units": 3.0, "best/test/iwae_nll": 105.0, "best/test/elbo": -101.0}
+    assert summary_metrics(spec, counts, [], []) == {f"study/n_{k}": float(v) for k, v in counts.items()}
+
+
+def test_objectives_are_named_after_their_metrics_in_new_and_existing_studies_of_every_storage(home, tmp_path):
+    import optuna
+
+    from pipeline.study import open_storage, open_study
+    from pipeline.studyspec import load_study
+
+    spec = load_study(_write_search(home, "named", {"objective.beta": [1, 2]}, sampler="nsga2",
+                                    objectives=(("test/iwae_nll", "minimize"), ("test/active_units", "maximize"))))
+    journal = open_storage(spec, None)
+    assert open_study(spec, journal).metric_names == ["test/iwae_nll", "test/active_units"]
+    for storage in (open_storage(spec, str(tmp_path / "old.journal")), f"sqlite:///{tmp_path / 'old.db'}"):
+        # A study made before the names were set (by an older version of this pipeline).
+        old = optuna.create_study(study_name="named", storage=storage, directions=["minimize", "maximize"])
+        assert old.metric_names is None
+        opened = open_study(spec, open_storage(spec, storage) if isinstance(storage, str) else storage)
+        assert optuna.load_study(study_name="named", storage=opened._storage).metric_names == [
+            "test/iwae_nll", "test/active_units"]
+
+
+def test_a_store_failing_during_the_summary_update_is_a_warning_not_a_stopped_study(home, monkeypatch):
+    import optuna
+
+    from pipeline import tracking
+    from pipeline.study import update_parent_summary
+    from pipeline.studyspec import load_study
+
+    spec = load_study(_write_study(home, "blip", {"objective.beta": [1]}))
+    study = optuna.create_study(directions=["maximize"])
+    study.add_trial(_frozen(0, 0, values=[2.0], **{"objective.beta": 1, "seed": 0}))
+
+    def store_down(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tracking, "record_changes", store_down)
+    messages: list[str] = []
+    update_parent_summary(study, spec, "0" * 32, total=1, log=messages.append)
+    assert len(messages) == 1 and "could not update the summary" in messages[0] and "No space left" in messages[0]

@@ -115,3 +115,131 @@ def test_binned_histories_from_sqlite_match_the_points_with_and_without_the_run_
     with sqlite3.connect(home / "mlflow.db") as conn:  # a store from before that index: the plain query
         conn.execute("DROP INDEX index_metrics_run_uuid_key_step")
     assert binned_metric_histories(runs, keys, 20) == from_db
+
+
+# --- the MLflow UI: links, the experiment's kind, the dataset input ---------------------------------
+def test_ui_links_open_the_model_training_runs_and_a_runs_metrics_tab():
+    from pipeline.tracking import ui_links
+
+    local = ui_links("sqlite:////home/u/vae/mlflow.db", "7", "abc123")
+    assert local.runs == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert local.run_metrics == ("http://127.0.0.1:5000/#/experiments/7/runs/abc123/model-metrics"
+                                 "?workflowType=machine_learning")
+    assert not local.served  # the user starts it: make ui
+    assert ui_links("postgresql+psycopg://vae@db/mlflow", "7", ui_port=5123).runs.startswith("http://127.0.0.1:5123/#/")
+    assert ui_links("file:///tmp/mlruns", "0").run_metrics is None  # no run asked for, no run link
+
+    # A server serves the UI itself: its address, without credentials, query or trailing slash.
+    server = ui_links("https://alice:s3cr3t@mlflow.example.org/team/?x=1#frag", "12", "r9")
+    assert server.served and "s3cr3t" not in server.runs and "alice" not in server.runs
+    assert server.runs == "https://mlflow.example.org/team/#/experiments/12/runs?workflowType=machine_learning"
+    assert server.run_metrics == ("https://mlflow.example.org/team/#/experiments/12/runs/r9/model-metrics"
+                                  "?workflowType=machine_learning")
+    assert ui_links("http://127.0.0.1:5000", "3").runs == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning")
+
+
+def test_experiments_are_tagged_as_model_training_when_created_and_when_an_older_one_is_opened(home):
+    from pipeline.tracking import (
+        EXPERIMENT_KIND_TAG,
+        MODEL_DEVELOPMENT,
+        client,
+        experiment_links,
+        get_or_create_experiment,
+    )
+
+    c = client()
+    new = get_or_create_experiment("fresh")
+    assert c.get_experiment(new).tags[EXPERIMENT_KIND_TAG] == "custom_model_development" == MODEL_DEVELOPMENT
+
+    old = c.create_experiment("from-before")  # as stores made before this tag existed have them
+    assert EXPERIMENT_KIND_TAG not in c.get_experiment(old).tags
+    assert get_or_create_experiment("from-before") == old
+    assert c.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT
+
+    viewed = c.create_experiment("only-viewed", tags={EXPERIMENT_KIND_TAG: "genai_development_inferred"})
+    links = experiment_links("only-viewed", "r1")  # a command printing links opens it too
+    assert links.runs.endswith(f"/#/experiments/{viewed}/runs?workflowType=machine_learning")
+    assert c.get_experiment(viewed).tags[EXPERIMENT_KIND_TAG] == MODEL_DEVELOPMENT  # a guess is replaced
+
+    chosen = c.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    get_or_create_experiment("chosen")
+    assert c.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"  # someone's choice is kept
+    assert experiment_links("no-such-experiment") is None
+
+
+def test_the_dataset_input_is_logged_once_with_the_manifests_digest_and_a_reattached_run_keeps_it(home):
+    import json
+
+    from pipeline.tracking import MlflowRun, dataset_digest, get_run
+
+    sha = "fbc46ad3cafc89cad78c8c41896690809594157a969147c2eb012e2c5a07d0de"
+    assert dataset_digest(sha) == "fbc46ad3cafc"  # MLflow keeps ≤ 36 characters of a digest
+    manifest = {"source": "/usr/share/datasets/fashion-mnist", "counts": {"train": 55000, "val": 5000, "test": 10000},
+                "val_size": 5000, "split_seed": 0, "splits_sha256": "ab" * 32}
+    run = MlflowRun("data", run_name="d")
+    assert run.log_dataset_input("fashion-mnist", sha, home / "data" / "processed", manifest) is True
+    run.end("KILLED")
+    again = MlflowRun("data", run_id=run.run_id)  # what a resumed training does: attach, then log again
+    assert again.log_dataset_input("fashion-mnist", sha, home / "data" / "processed", manifest) is False
+    again.end("FINISHED")
+    (only,) = get_run(run.run_id).inputs.dataset_inputs
+    ds = only.dataset
+    assert (ds.name, ds.digest, ds.source_type) == ("fashion-mnist", "fbc46ad3cafc", "local")
+    assert json.loads(ds.source) == {"uri": str(home / "data" / "processed")}
+    profile = json.loads(ds.profile)
+    assert profile["manifest_sha256"] == sha and profile["original_source"] == manifest["source"]
+    assert profile["counts"] == manifest["counts"]
+    assert [(t.key, t.value) for t in only.tags] == [("mlflow.data.context", "train")]
+
+
+def test_record_changes_writes_only_what_differs_so_a_rerun_adds_no_point(home):
+    import math
+
+    from pipeline.tracking import MlflowRun, client, record_changes
+
+    run = MlflowRun("summary", run_name="s")
+    assert sorted(record_changes(run.run_id, {"a": 1.0, "b": 2.0, "n": math.nan}, {"t": "x"}, step=1)) == ["a", "b", "t"]
+    assert record_changes(run.run_id, {"a": 1.0, "b": 2.0}, {"t": "x"}, step=1) == []  # the same numbers: nothing
+    assert record_changes(run.run_id, {"a": 1.0, "b": 3.0}, {"t": "y"}, step=2) == ["b", "t"]
+    c = client()
+    assert [(m.step, m.value) for m in c.get_metric_history(run.run_id, "a")] == [(1, 1.0)]
+    assert sorted((m.step, m.value) for m in c.get_metric_history(run.run_id, "b")) == [(1, 2.0), (2, 3.0)]
+    data = c.get_run(run.run_id).data
+    assert data.metrics == {"a": 1.0, "b": 3.0} and data.tags["t"] == "y"  # NaN is never written
+
+
+def test_the_train_command_prints_the_runs_link_and_its_runs_metrics_link(home, capsys, monkeypatch):
+    from pipeline import cli
+    from pipeline.tracking import client
+
+    monkeypatch.setattr(cli, "raise_on_sigterm", lambda: None)  # keep pytest's own SIGTERM handling
+    sets = ["data.train_subset=128", "train.batch_size=64", "train.epochs=1", "model.hidden_dim=16", "model.latent_dim=2",
+            "train.grid_images=4", "eval.enabled=false", "tracking.experiment=cli_links"]
+    assert cli.main(["train", "--no-progress", *(a for s in sets for a in ("--set", s))]) == 0
+    out = capsys.readouterr().out
+    exp = client().get_experiment_by_name("cli_links")
+    (run,) = client().search_runs([exp.experiment_id])
+    base = f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs"
+    assert f"[train] MLflow runs: {base}?workflowType=machine_learning   (after `make ui`)\n" in out
+    assert f"[train] this run's metrics: {base}/{run.info.run_id}/model-metrics?workflowType=machine_learning\n" in out
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_ui_print_links_lists_the_pipelines_experiments_or_the_one_asked_for(home, capsys, monkeypatch):
+    from pipeline import cli
+    from pipeline.tracking import MlflowRun, client
+
+    monkeypatch.setattr(cli, "raise_on_sigterm", lambda: None)  # keep pytest's own SIGTERM handling
+    ours = MlflowRun("ours", run_name="r", tags={"run_dir": "/runs/ours/x"})
+    ours.end("FINISHED")
+    client().create_experiment("someone-elses")  # no run of this pipeline: not listed, not tagged
+    assert cli.main(["ui", "--print-links", "--port", "5123", "--host", "0.0.0.0"]) == 0
+    out = capsys.readouterr().out
+    exp = client().get_experiment_by_name("ours").experiment_id
+    assert out == (f"[ui] experiment 'ours': http://127.0.0.1:5123/#/experiments/{exp}/runs?workflowType=machine_learning\n"
+                   f"[ui]   the latest run, its metrics: http://127.0.0.1:5123/#/experiments/{exp}/runs/{ours.run_id}"
+                   "/model-metrics?workflowType=machine_learning\n")
+    assert "mlflow.experimentKind" not in client().get_experiment_by_name("someone-elses").tags
+    assert cli.main(["ui", "--print-links", "--experiment", "someone-elses"]) == 0
+    assert capsys.readouterr().out == "[ui] no experiment 'someone-elses' with runs of this pipeline in the store yet\n"
