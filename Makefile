@@ -92,7 +92,7 @@ demo: setup ## set up, then run the demo study (β × likelihood grid, train + e
 	$(PY) -m pipeline report studies/demo.yaml
 	@echo
 	@echo "Demo done: 4 trainings, each evaluated on the test set (likelihood, collapse, sharpness)."
-	@echo "  report: $(CURDIR)/reports/demo/report.html   (open it in a browser; also report.md, summary.csv, figures/)"
+	@echo "  report: $(or $(VAE_PIPELINE_HOME),$(CURDIR))/reports/demo/report.html   (open it in a browser; also report.md, summary.csv, figures/)"
 	@echo "  make ui                                # the MLflow UI on http://127.0.0.1:$(PORT); then open the study's runs"
 	@echo "                                         # (its summary on the study run, a child run per trial) and the best run:"
 	@$(PY) -m pipeline ui --port $(PORT) --experiment demo --print-links | sed 's/^\[ui\] */      /'
