@@ -99,7 +99,7 @@ demo: setup ## set up, then run the demo study (β × likelihood grid, train + e
 	@echo "  make dashboard STUDY=studies/demo.yaml  # http://127.0.0.1:8080, the Optuna view of the same study"
 	@echo "Killed midway? Run make demo again: finished trials are kept, the interrupted one resumes."
 
-test: setup ## set up and run the test suite (CPU, a few minutes)
+test: setup ## set up and run the test suite (CPU, ~15 min on 2 cores)
 	@$(DEBIAN_CHROMIUM)
 	@$(DEBIAN_POSTGRES)
 	$(PY) -m pytest -q
