@@ -44,7 +44,9 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[RunC
     A σ-VAE scores with the σ its training learned (``sigma_star``), never one fitted to new data."""
     ck = load_checkpoint(path, "cpu")
     cfg = build_config(ck["config"])
-    model = build_vae(cfg, fixed_sigma=ck.get("sigma_star")).to(device)
+    # Checkpoints written before the image shape was stored are all 1×28×28 named datasets.
+    shape = ck.get("image_shape")
+    model = build_vae(cfg, fixed_sigma=ck.get("sigma_star"), image_shape=tuple(shape) if shape else None).to(device)
     model.load_state_dict(ck["model"])
     model.eval()
     return cfg, model, ck

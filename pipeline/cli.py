@@ -12,12 +12,21 @@ EXIT_USAGE, EXIT_DIVERGED, EXIT_IO = 2, 3, 4
 
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="verify and split a dataset into cached uint8 tensors")
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or mnist")
-    p.add_argument("--raw-dir", help="directory with the four IDX files, plain or .gz "
-                   "(default: where Debian's dataset-fashion-mnist installs them)")
-    p.add_argument("--val-size", type=int, default=5000, help="images held out of the official train set (default 5000)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val split (default 0)")
-    p.add_argument("--download", action="store_true", help="download with torchvision if no local copy is found (needs internet)")
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help="fashion-mnist (default), mnist, cifar10, svhn, celeba, or a path: a folder of images "
+                        "(optionally one subfolder per class) or a .npy/.npz file of uint8 images")
+    p.add_argument("--raw-dir", help="a named dataset's files: the four IDX files, plain or .gz, of (fashion-)mnist "
+                   "(default: where Debian's dataset-fashion-mnist installs them), or torchvision's files of the others")
+    p.add_argument("--val-size", type=int, default=5000, help="images held out of the training images (default 5000)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val (and test) split (default 0)")
+    p.add_argument("--image-size", type=int, help="resize the shorter side and centre-crop to this square side, 8-64 "
+                   "(data.image_size; default: the source's size)")
+    p.add_argument("--channels", type=int, help="1 (grey) or 3 (RGB), converting as needed (data.channels; default: "
+                   "the source's)")
+    p.add_argument("--test-fraction", type=float, default=0.1,
+                   help="share of the images that becomes the test set when the source has none (default 0.1)")
+    p.add_argument("--download", action="store_true", help="download a named dataset with torchvision if no local "
+                   "copy is found (needs internet)")
     p.add_argument("--force", action="store_true", help="redo even if a valid cache exists")
     p.add_argument("--no-classifier", action="store_true",
                    help="skip training the feature classifier used by evaluate (it is trained on first use then)")
@@ -134,24 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_prepare(args) -> int:
-    from pipeline.config import DataConfig
+    from tqdm.auto import tqdm
+
+    from pipeline.config import build_config
     from pipeline.data import load_splits, prepare
 
-    prepare(
-        args.dataset,
-        val_size=args.val_size,
-        split_seed=args.split_seed,
-        raw_dir=args.raw_dir,
-        download=args.download,
-        force=args.force,
-    )
+    # Validated as a run's data section would be: the same messages for a bad path, size or channel count.
+    d = build_config({"data": {"dataset": args.dataset, "val_size": args.val_size, "split_seed": args.split_seed,
+                               "image_size": args.image_size, "channels": args.channels,
+                               "test_fraction": args.test_fraction}}).data
+    options = dict(image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction)
+    prepare(d.dataset, val_size=d.val_size, split_seed=d.split_seed, raw_dir=args.raw_dir, download=args.download,
+            force=args.force, progress=tqdm, **options)
     if not args.no_classifier:
         from pipeline.classifier import ensure_classifier
         from pipeline.runtime import resolve_device
 
-        data_cfg = DataConfig(dataset=args.dataset, val_size=args.val_size, split_seed=args.split_seed)
-        splits = load_splits(args.dataset, args.val_size, args.split_seed)
-        _, info = ensure_classifier(data_cfg, splits, resolve_device("auto"))
+        splits = load_splits(d.dataset, d.val_size, d.split_seed, **options)
+        if not splits.has_labels:
+            print("[prepare] no labels: the feature classifier (Fréchet distance, KID, precision/recall) is not trained; "
+                  "evaluation reports those metrics as unavailable")
+            return 0
+        _, info = ensure_classifier(d, splits, resolve_device("auto"))
         print(f"[prepare] feature classifier ready (test accuracy {info['test_accuracy']:.2%})")
     return 0
 

@@ -16,15 +16,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import augment
+from pipeline.data import DATASETS, SIDE_RANGE, source_path
+from pipeline.data import image_shape as data_image_shape
+from pipeline.datasources import SourceError, source_kind
 from pipeline.errors import PipelineError
 from pipeline.likelihoods import LIKELIHOODS
 from pipeline.objectives import BETA_SCHEDULES, FREE_BITS_MODES
 from pipeline.optim import INITS, LR_SCHEDULES, OPTIMIZERS
+from pipeline.vae import custom
 from pipeline.vae.decoders import DECODERS
-from pipeline.vae.encoders import ENCODERS
+from pipeline.vae.encoders import ENCODERS, check_image_shape
 from pipeline.vae.priors import PRIORS
-
-DATASETS = ("fashion-mnist", "mnist")
 
 
 class ConfigError(PipelineError, ValueError):
@@ -43,10 +45,32 @@ def _one_of(value: str, allowed, key: str) -> str:
     return value
 
 
+def _family_or_class(value: str, families, key: str) -> str:
+    """A registry family, or an import path of the user's nn.Module, imported now so a typo fails at load."""
+    if not custom.is_import_path(value):
+        if value not in families:
+            raise ValueError(f"{key}={value!r} is not one of: {', '.join(sorted(families))} (or your own "
+                             "torch.nn.Module as module.path:ClassName)")
+        return value
+    try:
+        custom.load_class(value, key)
+    except custom.CustomModuleError as e:
+        raise ValueError(str(e)) from None
+    return value
+
+
 class DataConfig(_Section):
+    # A name (fashion-mnist, mnist, cifar10, svhn, celeba) or a path: a folder of images, a .npy or .npz
+    # file (pipeline.datasources); a relative path is resolved against the directory commands run in.
     dataset: str = "fashion-mnist"
     val_size: int = Field(5000, ge=1, le=30000)
     split_seed: int = 0
+    # Square side the images are resized (shorter side) and centre-cropped to, 8–64; None = as the source.
+    image_size: int | None = Field(None, ge=SIDE_RANGE[0], le=SIDE_RANGE[1])
+    # 1 (grey) or 3 (RGB), converting as needed; None = as the source (RGB if any image has colour).
+    channels: Literal[1, 3] | None = None
+    # The share of a source's images that becomes the test set when the source has no test split.
+    test_fraction: float = Field(0.1, gt=0, lt=1)
     binarize: Literal["none", "dynamic", "static"] = "none"
     # Train on the first N training images only (smoke runs, tests); None = all.
     train_subset: int | None = Field(None, ge=1)
@@ -61,7 +85,17 @@ class DataConfig(_Section):
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
-        return _one_of(v, DATASETS, "data.dataset")
+        if v in DATASETS:
+            return v
+        looks_like_path = "/" in v or v.startswith(".") or Path(v).suffix.lower() in (".npy", ".npz") or Path(v).exists()
+        if not looks_like_path:
+            raise ValueError(f"data.dataset={v!r} is not one of: {', '.join(DATASETS)}, nor a path to a folder of "
+                             "images or a .npy/.npz file (write ./NAME for a folder in the current directory)")
+        try:
+            source_kind(source_path(v))
+        except SourceError as e:
+            raise ValueError(str(e)) from None
+        return v
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -72,8 +106,9 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     # Encoder and decoder family in one key; model.encoder / model.decoder, where given, override it.
     arch: Literal["mlp", "conv"] = "mlp"
-    encoder: str | None = None  # mlp | conv; None = model.arch
-    decoder: str | None = None  # mlp | conv | pixelcnn; None = model.arch
+    # A family, or your own nn.Module as module.path:ClassName (protocol: pipeline/vae/custom.py).
+    encoder: str | None = None  # mlp | conv | module:Class; None = model.arch
+    decoder: str | None = None  # mlp | conv | pixelcnn | module:Class; None = model.arch
     latent_dim: int = Field(20, ge=1, le=512)
     hidden_dim: int = Field(400, ge=8, le=8192)
     encoder_depth: int = Field(1, ge=1, le=6)
@@ -84,6 +119,10 @@ class ModelConfig(_Section):
     # Masked-convolution kernel of the PixelCNN (odd): with decoder_depth it sets how many rows above a
     # pixel the decoder sees, depth · (kernel_size // 2), which decides whether it needs z at all.
     kernel_size: int = Field(5, ge=3, le=11)
+    # Keyword arguments (str, int, float, bool) of a custom encoder's / decoder's constructor, besides the
+    # latent_dim, image_shape (and params_per_pixel) the pipeline passes; a family takes none.
+    encoder_args: dict[str, str | bool | int | float] = {}
+    decoder_args: dict[str, str | bool | int | float] = {}
 
     @property
     def encoder_name(self) -> str:
@@ -96,12 +135,43 @@ class ModelConfig(_Section):
     @field_validator("encoder")
     @classmethod
     def _encoder(cls, v: str | None) -> str | None:
-        return v if v is None else _one_of(v, ENCODERS, "model.encoder")
+        return v if v is None else _family_or_class(v, ENCODERS, "model.encoder")
 
     @field_validator("decoder")
     @classmethod
     def _decoder(cls, v: str | None) -> str | None:
-        return v if v is None else _one_of(v, DECODERS, "model.decoder")
+        return v if v is None else _family_or_class(v, DECODERS, "model.decoder")
+
+    @field_validator("encoder_args", "decoder_args", mode="before")
+    @classmethod
+    def _scalar_args(cls, v: Any, info) -> Any:
+        key = f"model.{info.field_name}"
+        if not isinstance(v, dict):
+            raise ValueError(f"{key}={v!r} must be a mapping of argument names to values, e.g. {{width: 32}}")
+        for name, value in v.items():
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise ValueError(f"{key}: {name!r} is not a Python argument name")
+            if not isinstance(value, (str, bool, int, float)):
+                raise ValueError(f"{key}.{name}={value!r} is a {type(value).__name__}; constructor arguments "
+                                 "from the config are scalars: a string, an integer, a float or a boolean")
+        return v
+
+    @model_validator(mode="after")
+    def _custom_args(self) -> ModelConfig:
+        for role, name, args in (("encoder", self.encoder_name, self.encoder_args),
+                                 ("decoder", self.decoder_name, self.decoder_args)):
+            if not custom.is_import_path(name):
+                if args:
+                    raise ValueError(
+                        f"model.{role}_args={args} are arguments of your own {role}'s constructor (model.{role}: "
+                        f"module.path:ClassName), and model.{role}={name!r} is a built-in family, set by the other "
+                        f"model.* keys; remove model.{role}_args")
+                continue
+            try:
+                custom.check_constructor_args(custom.load_class(name, f"model.{role}"), name, role, args)
+            except custom.CustomModuleError as e:
+                raise ValueError(str(e)) from None
+        return self
 
     @field_validator("kernel_size")
     @classmethod
@@ -252,6 +322,12 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        # The models' sizes, checked here when known without reading data (a named dataset, or a given
+        # data.image_size); a path's own size is checked when it is prepared and when the model is built.
+        d = self.data
+        if d.dataset in DATASETS or d.image_size is not None:
+            shape = data_image_shape(d) if d.dataset in DATASETS else (d.channels or 1, d.image_size, d.image_size)
+            check_image_shape(shape, self.model.encoder_name, self.model.decoder_name)
         moving = [n for n in augment.parse(self.data.augment) if augment.AUGMENTATIONS[n].changes_values]
         if moving and self.data.binarize == "static":
             raise ValueError(
@@ -264,7 +340,7 @@ class RunConfig(_Section):
                 f"data.binarize={self.data.binarize!r} only makes sense with likelihood.name='bernoulli' "
                 f"(got {self.likelihood.name!r}); set data.binarize=none"
             )
-        decoder = DECODERS[self.model.decoder_name]
+        decoder = custom.decoder_entry(self.model.decoder_name)
         if decoder.likelihoods is not None and self.likelihood.name not in decoder.likelihoods:
             raise ValueError(
                 f"model.decoder={self.model.decoder_name!r} works with likelihood.name in "
@@ -302,8 +378,9 @@ class RunConfig(_Section):
         o, m = self.objective, self.model
         fb = "" if o.free_bits == "none" else f" fb={o.free_bits}:{o.free_bits_lambda:g}"
         prior = "" if self.prior.name == "standard_normal" else f" prior={self.prior.name}:{self.prior.components}"
-        arch = m.encoder_name if m.decoder_name == m.encoder_name else f"{m.encoder_name}→{m.decoder_name}"
-        if DECODERS[m.decoder_name].autoregressive:
+        encoder, decoder = custom.display_name(m.encoder_name), custom.display_name(m.decoder_name)
+        arch = encoder if decoder == encoder else f"{encoder}→{decoder}"
+        if "kernel_size" in custom.decoder_entry(m.decoder_name).options:
             arch += f" k={m.kernel_size}"
         t = self.train
         extra = "" if self.data.augment == "none" else f" aug={self.data.augment}"
@@ -337,20 +414,26 @@ class RunConfig(_Section):
             - {f"train.{o}" for o in OPTIMIZERS[self.train.optimizer].options}
         unread |= {f"train.{o}" for entry in LR_SCHEDULES.values() for o in entry.options} \
             - {f"train.{o}" for o in LR_SCHEDULES[self.train.lr_schedule].options}
+        if self.data.dataset in DATASETS:
+            unread.add("data.test_fraction")  # every named dataset has its own test split
         for key in unread:
             section, _, name = key.partition(".")
             d[section].pop(name)
         m = d["model"]
         decoder = self.model.decoder_name
-        for option in {o for entry in DECODERS.values() for o in entry.options} - set(DECODERS[decoder].options):
+        for option in {o for entry in DECODERS.values() for o in entry.options} - set(custom.decoder_entry(decoder).options):
             m.pop(option)
+        for args in ("encoder_args", "decoder_args"):  # added with custom modules: hashed only when given
+            if not m[args]:
+                m.pop(args)
         # One spelling per model: model.arch (hashed since the first release) names the encoder's family,
         # and the decoder is hashed only where it differs from it, so `arch: conv` and `encoder: conv,
         # decoder: conv` are the same run, and a config written before the split keeps its hash.
         m["arch"] = m.pop("encoder") or m["arch"]
         m["decoder"] = None if decoder == m["arch"] else decoder
         for key, value in flatten(d).items():
-            if key not in HASHED_SINCE_V1 and value == _DEFAULTS[key]:
+            # A custom module's argument (model.encoder_args.width) has no default: always hashed.
+            if key not in HASHED_SINCE_V1 and key in _DEFAULTS and value == _DEFAULTS[key]:
                 section, _, name = key.rpartition(".")
                 d[section].pop(name)
                 if not d[section]:

@@ -44,6 +44,12 @@ from pipeline.runtime import resolve_device
 from pipeline.vae import VAE
 
 METRICS_FILE = "metrics.json"
+# The metrics computed in the feature classifier's space, which needs labels to be trained.
+CLASS_FEATURE_METRICS = ("test/fd_classifier", "test/recon_fd_classifier", "test/recon_class_acc", "test/kid",
+                         "test/kid_std", "test/precision", "test/recall")
+CLASS_FEATURES_UNAVAILABLE = ("unavailable: the dataset has no labels, so no feature classifier is trained and the "
+                              "Fréchet distance, KID and precision/recall are not computed (an untrained network's "
+                              "features would give numbers that mean nothing)")
 
 
 def default_iwae_k(device: torch.device, autoregressive: bool = False) -> int:
@@ -385,16 +391,24 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     k = k or default_iwae_k(dev, model.autoregressive)
     n_samples = n_samples or default_n_samples(dev, model.autoregressive)
     other_sets = other_image_sets(cfg, splits, test_x, dev, cfg.eval.train_subset if train_subset is None else train_subset)
-    from pipeline.classifier import ensure_classifier
+    classifier, classifier_info = None, None
+    if splits.has_labels:
+        from pipeline.classifier import ensure_classifier
 
-    classifier, classifier_info = ensure_classifier(cfg.data, splits, dev, log=log)
+        classifier, classifier_info = ensure_classifier(cfg.data, splits, dev, log=log)
+    else:
+        log(f"[evaluate] {CLASS_FEATURES_UNAVAILABLE}")
     drawn = " (drawn pixel by pixel)" if model.autoregressive else ""
     also = "".join(f", {d.n} {SET_PREFIXES[name]} images" for name, d in other_sets.items())
     log(f"[evaluate] {checkpoint}: {test.n} test images{also}, IWAE k={k}, {n_samples} samples{drawn} on {dev}")
     result = evaluate_model(model, cfg, test, test_x.float() / 255, k=k, batch_size=batch_size, mi_batch=mi_batch,
                             n_samples=n_samples, seed=cfg.train.seed + 777, out_dir=checkpoint.parent / "eval",
-                            classifier=classifier, test_labels=splits.test_y[: test.n], other_sets=other_sets)
-    result["params"]["classifier_test_accuracy"] = classifier_info["test_accuracy"]
+                            classifier=classifier,
+                            test_labels=splits.test_y[: test.n] if splits.has_labels else None, other_sets=other_sets)
+    if classifier_info is not None:
+        result["params"]["classifier_test_accuracy"] = classifier_info["test_accuracy"]
+    else:
+        result["unavailable"] = {name: CLASS_FEATURES_UNAVAILABLE for name in CLASS_FEATURE_METRICS}
     m = result["metrics"]
     settings = {"k": k_arg, "batch_size": batch_size, "mi_batch": mi_batch, "n_samples": n_samples_arg,
                 "test_subset": test_subset, "train_subset": train_subset}  # as asked, before defaults
@@ -402,13 +416,14 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
                                    "run_id": ck.get("run_id"), "settings": settings, **result,
                                    "artifacts": [str(p) for p in result.get("artifacts", [])]}),
                       checkpoint.parent / METRICS_FILE)
+    features = (f"FD {m['test/fd_classifier']:.2f}  recon acc {m['test/recon_class_acc']:.1%}  "
+                f"KID {m['test/kid']:.3g} ± {m['test/kid_std']:.2g}  precision {m['test/precision']:.2f}  "
+                f"recall {m['test/recall']:.2f}") if "test/fd_classifier" in m else "FD/KID/PR unavailable (no labels)"
     log(
         f"[evaluate] iwae_nll {m['test/iwae_nll']:.2f}  elbo {m['test/elbo']:.2f}  kl {m['test/kl']:.2f}  "
         f"active {m['test/active_units']}/{cfg.model.latent_dim}  MI {m['test/mutual_info']:.2f}  "
-        f"z_gap {m['test/z_usage_gap']:.2f}  FD {m['test/fd_classifier']:.2f}  recon acc {m['test/recon_class_acc']:.1%}  "
-        f"sample sharpness (laplacian) {m['test/sharpness/samples_laplacian_ratio']:.2f}× data  "
-        f"KID {m['test/kid']:.3g} ± {m['test/kid_std']:.2g}  precision {m['test/precision']:.2f}  "
-        f"recall {m['test/recall']:.2f}"
+        f"z_gap {m['test/z_usage_gap']:.2f}  "
+        f"sample sharpness (laplacian) {m['test/sharpness/samples_laplacian_ratio']:.2f}× data  {features}"
     )
     for name in other_sets:
         log(f"[evaluate] {SET_PREFIXES[name]}: elbo {m[f'{name}/elbo']:.2f}  recon_nll {m[f'{name}/recon_nll']:.2f}  "
@@ -486,6 +501,8 @@ def _record(result: dict, ck: dict, cfg: RunConfig | None, sink, checkpoint: Pat
     stored = sink.last_steps(list(points)) if only_missing else {}
     sink.log_metrics([(k, float(v), step) for k, v in points.items()
                       if not math.isnan(float(v)) and stored.get(k, -1) < step])
+    if result.get("unavailable"):
+        sink.set_tags({"class_feature_metrics": CLASS_FEATURES_UNAVAILABLE[:5000]})
     for path in result.get("artifacts", []):
         sink.log_artifact(path, "eval")
     sink.log_artifact(checkpoint.parent / METRICS_FILE, "eval")

@@ -1,7 +1,7 @@
 """Diagnostics of collapse, likelihood and sharpness: pure functions of tensors, each with its source.
 
-Conventions: images are (N, C, H, W) in [0, 1], and single-channel for the sharpness measures;
-posterior means and log-variances are (N, D);
+Conventions: images are (N, C, H, W) in [0, 1] (the sharpness measures take each colour channel as a
+grey image and average over channels); posterior means and log-variances are (N, D);
 log-densities are in nats. Nothing here touches files or tracking; the model's densities and samples
 come from its own methods (pipeline.vae), never from a formula written here.
 """
@@ -103,8 +103,16 @@ def z_usage_gap(recon_nll, z: torch.Tensor) -> float:
 
 
 # --- sharpness -----------------------------------------------------------------------------------
+# Every measure treats each colour channel as a grey image, (N, C, H, W) → (N·C, 1, H, W), and averages
+# over all N·C of them: the mean over channels of each channel's mean over images (every channel has N).
+# Grey images (C = 1) are unchanged by this; an RGB image with three equal channels scores as its grey one.
 _LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def _per_channel(images: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) → (N·C, 1, H, W) float: each colour channel of each image as a grey image."""
+    return images.float().reshape(-1, 1, *images.shape[-2:])
 
 
 def _conv(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -113,13 +121,13 @@ def _conv(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def laplacian_variance(images: torch.Tensor) -> float:
-    """Variance of the Laplacian (Pech-Pacheco et al. 2000), averaged over images."""
-    return float(_conv(images.float(), _LAPLACIAN).flatten(1).var(1).mean())
+    """Variance of the Laplacian (Pech-Pacheco et al. 2000), averaged over images and colour channels."""
+    return float(_conv(_per_channel(images), _LAPLACIAN).flatten(1).var(1).mean())
 
 
 def tenengrad(images: torch.Tensor) -> float:
-    """Tenengrad (Krotkov 1987): mean squared Sobel gradient magnitude."""
-    x = images.float()
+    """Tenengrad (Krotkov 1987): mean squared Sobel gradient magnitude, averaged over images and colour channels."""
+    x = _per_channel(images)
     gx, gy = _conv(x, _SOBEL_X), _conv(x, _SOBEL_X.T)
     return float((gx * gx + gy * gy).mean())
 
@@ -128,9 +136,10 @@ def high_frequency_ratio(images: torch.Tensor, cutoff: float = 0.25) -> float:
     """Share of spectral energy above `cutoff` (cycles/pixel, Nyquist = 0.5), Hann-windowed.
 
     The window suppresses the spurious high frequencies a non-periodic image's borders create;
-    the windowed mean is removed so overall brightness does not enter the ratio.
+    the windowed mean is removed so overall brightness does not enter the ratio. Averaged over images
+    and colour channels.
     """
-    x = images.float()[:, 0]
+    x = _per_channel(images)[:, 0]
     h, w = x.shape[-2:]
     window = torch.outer(torch.hann_window(h, periodic=False), torch.hann_window(w, periodic=False)).to(x.device)
     xw = x * window

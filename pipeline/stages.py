@@ -18,13 +18,13 @@ import torch
 from pipeline import paths, system_metrics
 from pipeline.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.config import RunConfig
-from pipeline.data import ensure_splits, processed_dir
+from pipeline.data import ensure_splits, prepared_dir
 from pipeline.errors import PipelineError, masked
 from pipeline.evaluate import default_iwae_k, default_n_samples, evaluate_stage, record_saved_evaluation
 from pipeline.fileio import atomic_write_json, remove_leftovers
 from pipeline.runtime import resolve_device
 from pipeline.train import DivergedError, StopEarly, TrainResult, fit
-from pipeline.vae.decoders import DECODERS
+from pipeline.vae.custom import decoder_entry, record_sources
 
 RESULT = "result.json"
 RUN_INFO = "run.json"
@@ -201,7 +201,7 @@ def _attach(cfg: RunConfig, sink, info: dict, run_dir: Path, splits, on_run, ext
         sink.set_tags({"partial_history": "true", "previous_run_id": info["run_id"]})
     params = cfg.flat()
     # Record the values evaluation will use, not "auto".
-    autoregressive = DECODERS[cfg.model.decoder_name].autoregressive
+    autoregressive = decoder_entry(cfg.model.decoder_name).autoregressive
     if params["eval.iwae_k"] is None:
         params["eval.iwae_k"] = default_iwae_k(device, autoregressive)
     if params["eval.n_samples"] is None:
@@ -215,12 +215,13 @@ def _attach(cfg: RunConfig, sink, info: dict, run_dir: Path, splits, on_run, ext
             "torch_version": torch.__version__,
             "config_hash": cfg.result_hash(),
             "run_dir": str(run_dir),
+            # A custom encoder's/decoder's source digest and file, as the run started with them.
+            **record_sources(cfg.model, run_dir, (run_dir / CHECKPOINT).exists(), log),
             **(extra_tags or {}),
         }
     )
     d = cfg.data  # the runs table's Dataset column; logged once, so a resumed run is left as it is
-    sink.log_dataset_input(d.dataset, splits.manifest_sha256, processed_dir(d.dataset, d.val_size, d.split_seed),
-                           splits.manifest)
+    sink.log_dataset_input(d.dataset, splits.manifest_sha256, prepared_dir(d), splits.manifest)
     config_path = run_dir / "config.yaml"
     _write_config(cfg, config_path)
     sink.log_artifact(config_path)

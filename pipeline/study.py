@@ -709,6 +709,25 @@ def _short(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _check_objectives_measurable(spec: StudySpec, log) -> None:
+    """A class-feature objective (Fréchet distance, KID, precision/recall) on a dataset without labels would
+    fail every trial after its training: say so before the first one (preparing the data, which the first
+    trial would do anyway)."""
+    from pipeline.evaluate import CLASS_FEATURE_METRICS
+
+    needs_labels = [o.metric for o in spec.objectives if o.metric in CLASS_FEATURE_METRICS]
+    if not needs_labels:
+        return
+    from pipeline.config import build_config
+    from pipeline.data import ensure_splits
+
+    if not ensure_splits(build_config({}, base_overrides(spec)).data, log=log).has_labels:
+        raise StudyError(f"objective {needs_labels[0]} is measured in the features of a classifier trained on the "
+                         f"dataset's labels, and {spec.dataset} has none: choose another objective (test/iwae_nll, "
+                         "test/active_units, test/sharpness/…) or give the images labels (one subfolder per class, or "
+                         "labels in the .npz)")
+
+
 def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials: int | None = None,
               wait: bool = True) -> Progress:
     """Run (or resume) a study until no open trial is left for this worker.
@@ -727,6 +746,7 @@ def run_study(spec: StudySpec, storage: str | None = None, log=print, max_trials
         _close_parent(spec, study, log)
         return before
     log(f"[study {spec.name}] {len(before.done)}/{total} trials done; running the rest")
+    _check_objectives_measurable(spec, log)
     from pipeline.tracking import check_reachable
 
     check_reachable()  # an unreachable tracking server stops the worker here, not mid-trial

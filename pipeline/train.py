@@ -209,7 +209,7 @@ def fit(
                             augment=augmenter(cfg.data))
     val_data = DeviceData(splits.val_x, device, cfg.data.binarize, static_seed=cfg.data.split_seed + 1)
 
-    model = build_vae(cfg, init_images=train_x)
+    model = build_vae(cfg, init_images=train_x, image_shape=tuple(train_x.shape[1:]))
     INITS[tc.init](model)  # before .to(device): the draws come from the CPU RNG whatever the device
     model = model.to(device)
     model.compute_dtype = torch.bfloat16 if tc.precision == "bf16" else None
@@ -331,6 +331,7 @@ def fit(
                 "config": cfg.to_dict(),
                 "config_hash": cfg.result_hash(),
                 "run_id": sink.run_id,
+                "image_shape": list(model.image_shape),
             },
             ckpt_path,
         )

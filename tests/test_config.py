@@ -45,6 +45,10 @@ ADDED_KEY_VALUES = {
     "train.init": ("xavier", []),
     "train.lr_schedule": ("cosine", []),
     "train.lr_warmup_steps": (7, ["train.lr_schedule=warmup"]),
+    "data.image_size": (16, []),
+    "data.channels": (3, []),
+    # Read only for a source without a test split: a path (any folder passes config load).
+    "data.test_fraction": (0.2, [f"data.dataset={REPO / 'studies'}"]),
 }
 
 
@@ -136,7 +140,7 @@ def test_likelihood_outside_the_registry_lists_the_registry():
         ("model.decoder_depth=13", ["model.decoder_depth", "12"]),
         ("objective.beta=-1", ["objective.beta"]),
         ("train.device=tpu", ["train.device", "cuda"]),
-        ("data.dataset=cifar10", ["data.dataset", "fashion-mnist", "mnist"]),
+        ("data.dataset=cifar100", ["data.dataset", "fashion-mnist", "mnist", "cifar10", "a path"]),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, needles):

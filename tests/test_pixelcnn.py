@@ -45,16 +45,26 @@ def _images(likelihood, n=3, seed=1):
 @pytest.mark.parametrize("kernel_size", [3, 5, 7])
 @pytest.mark.parametrize("depth", [1, 2, 4])
 def test_each_output_sees_only_earlier_pixels_and_earlier_colours(depth, kernel_size, n_colors):
+    _assert_causal(depth, kernel_size, n_colors, size=10, positions=[(0, 0), (3, 4), (9, 9), (5, 0), (0, 9)])
+
+
+@pytest.mark.parametrize("size, depth, kernel_size", [(8, 2, 5), (32, 3, 3)])
+def test_a_colour_decoder_at_8_and_32_pixels_sees_only_earlier_pixels_and_colours(size, depth, kernel_size):
+    last = size - 1
+    _assert_causal(depth, kernel_size, 3, size, [(0, 0), (size // 2, size // 2 - 1), (last, last), (last, 0), (0, last)],
+                   n_images=16)
+
+
+def _assert_causal(depth, kernel_size, n_colors, size, positions, n_images=32):
     torch.manual_seed(depth * 10 + kernel_size)
-    size = 10
     dec = PixelCNNDecoder(3, (n_colors, size, size), channels=12, depth=depth, kernel_size=kernel_size,
                           params_per_pixel=2).double()
-    z = torch.randn(32, 3, dtype=torch.float64)
+    z = torch.randn(n_images, 3, dtype=torch.float64)
     order = torch.arange(size * size).view(size, size)  # raster position of each pixel
-    for r, c in [(0, 0), (3, 4), (size - 1, size - 1), (5, 0), (0, size - 1)]:
+    for r, c in positions:
         for colour in range(n_colors):
             # Several images and codes, so that a path a ReLU closes for one is open for another.
-            x = torch.rand(32, n_colors, size, size, dtype=torch.float64, requires_grad=True)
+            x = torch.rand(n_images, n_colors, size, size, dtype=torch.float64, requires_grad=True)
             dec(z, x)[:, :, colour, r, c].sum().backward()
             seen = (x.grad != 0).any(0)  # (C, H, W)
             later = (order > order[r, c]).expand(n_colors, size, size).clone()

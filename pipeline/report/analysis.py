@@ -25,7 +25,7 @@ from pipeline.report.stats import (
 )
 from pipeline.report.verdict import collapse_onset, verdict_of
 from pipeline.studyspec import StudySpec, point_key
-from pipeline.vae.decoders import DECODERS
+from pipeline.vae.custom import decoder_entry
 
 MAX_PANELS = 16  # configs in a small-multiple figure; larger studies show a spread of the leaderboard
 COLLAPSE_TARGETS = ("test/active_units", "test/mutual_info")
@@ -139,7 +139,16 @@ def names_autoregressive_decoder(spec: StudySpec) -> bool:
         names.append(spec.base.get(key))
         levels = spec.space.get(key)
         names += levels if isinstance(levels, list) else []
-    return any(isinstance(n, str) and n in DECODERS and DECODERS[n].autoregressive for n in names)
+    return any(isinstance(n, str) and _draws_pixel_by_pixel(n) for n in names)
+
+
+def _draws_pixel_by_pixel(name: str) -> bool:
+    """Whether a decoder family, or a custom decoder class (by import path), is autoregressive; False for a
+    name this version does not know or a module that does not import where the report is written."""
+    try:
+        return decoder_entry(name).autoregressive
+    except (KeyError, PipelineError):
+        return False
 
 
 def remedy_order(power: pd.DataFrame) -> list[str]:

@@ -241,6 +241,8 @@ def _runs_table(spec: StudySpec, factors: list[Factor], records: list[dict]) -> 
             "failure_reason": tags.get("failure_reason"),
             "duration_s": (end_ms - rec["start_ms"]) / 1000 if end_ms and rec["start_ms"] else math.nan,
             "run_dir": tags.get("run_dir"),
+            # Set by evaluation when the dataset has no labels (pipeline.evaluate.CLASS_FEATURES_UNAVAILABLE).
+            "class_features": tags.get("class_feature_metrics"),
             "latent_dim": int(float(params["model.latent_dim"])) if "model.latent_dim" in params else -1,
             "prior": params.get("prior.name", "standard_normal"),  # runs from before priors existed
             "config": config_label(point, factors),
@@ -249,7 +251,8 @@ def _runs_table(spec: StudySpec, factors: list[Factor], records: list[dict]) -> 
             **point,
             **{k: v for k, v in metrics.items() if is_eval_key(k)},
         })
-    cols = ["run_id", "status", "trial", "seed", "point", "failure_reason", "duration_s", "run_dir", "latent_dim",
+    cols = ["run_id", "status", "trial", "seed", "point", "failure_reason", "duration_s", "run_dir", "class_features",
+            "latent_dim",
             "prior", "config", "decoder", "autoregressive", "rows_above", "decoder_label", "remedy", "remedy_kind",
             *(f.key for f in factors)]
     runs = pd.DataFrame(rows, columns=None if rows else cols)

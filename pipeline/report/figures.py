@@ -522,18 +522,51 @@ def sharpness(a: Analysis, out: Path) -> Figure | str:
     return save(fig, "sharpness", out, caption)
 
 
+GRID_PAD = 2  # pixels of white gutter around each tile in pipeline.images.grid
+# save_grid's nearest-neighbour upscaling; training and evaluation write ×2, the others are tried next.
+GRID_SCALES = (2, 1, 3, 4)
+
+
+def _grid_geometry(img: np.ndarray, ncol: int) -> tuple[int, int, int] | None:
+    """(scale, tile side, rows) of a grid of square tiles written by pipeline.images.save_grid with `ncol`
+    columns, or None if it is not one. At each candidate scale the width fixes the tile side and the
+    height the number of rows; the scale is accepted when the image is that upscaling of a smaller one
+    and every gutter is white."""
+    height, width = img.shape[:2]
+    for s in GRID_SCALES:
+        if height % s or width % s or (width // s - GRID_PAD) % ncol:
+            continue
+        pitch = (width // s - GRID_PAD) // ncol
+        tile = pitch - GRID_PAD
+        if tile < 1 or (height // s - GRID_PAD) % pitch:
+            continue
+        small = img[::s, ::s]
+        if not np.array_equal(np.repeat(np.repeat(small, s, axis=0), s, axis=1), img):
+            continue
+        gutter = np.ones(small.shape[:2], dtype=bool)
+        for start in range(GRID_PAD, small.shape[0], pitch):
+            gutter[start : start + tile, :] = False
+        gutter[:, np.arange(small.shape[1]) % pitch < GRID_PAD] = True
+        if (small[gutter] == 1.0).all():
+            return s, tile, (height // s - GRID_PAD) // pitch
+    return None
+
+
 def _grid_rows(path: Path, rows: list[int], ncol: int = 8) -> np.ndarray | None:
-    """Rows of an image grid written by pipeline.images (28-px tiles, 2-px gutters, ×2 upscaled)."""
+    """Rows of an image grid written by pipeline.images.save_grid (square tiles of any size, white
+    gutters, upscaled), each with half a gutter above and below: (H, W) grey or (H, W, 3) colour in
+    [0, 1], or None if the file is not such a grid or lacks a row."""
     img = plt.imread(path)
     if img.ndim == 3:
-        img = img[..., :3].mean(axis=2)
-    scale = img.shape[1] / (ncol * 30 + 2)
-    if abs(scale - round(scale)) > 1e-6:
+        img = img[..., :3]  # colour as written; an alpha channel, if any, is dropped
+    geometry = _grid_geometry(img, ncol)
+    if geometry is None:
         return None
-    s = int(round(scale))
-    parts = [img[s * (2 + r * 30) - s : s * (2 + r * 30 + 28) + s] for r in rows]
-    if any(p.shape[0] != s * 30 for p in parts):
+    s, tile, n_rows = geometry
+    if max(rows) >= n_rows:
         return None
+    pitch, margin = tile + GRID_PAD, GRID_PAD // 2
+    parts = [img[s * (GRID_PAD + r * pitch - margin) : s * (GRID_PAD + r * pitch + tile + margin)] for r in rows]
     return np.concatenate(parts, axis=0)
 
 
@@ -567,7 +600,10 @@ def image_panel(a: Analysis, out: Path) -> Figure | str:
         for i, (cfg, seed, panels) in enumerate(rows):
             for j, img in enumerate(panels):
                 ax = axes[i, j]
-                ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                if img.ndim == 2:
+                    ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                else:  # RGB in [0, 1], shown as it is
+                    ax.imshow(img, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.grid(False)

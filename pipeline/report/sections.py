@@ -317,7 +317,16 @@ def sharpness(a: Analysis, figs: dict) -> Section:
     quality = _sample_quality_table(a)
     if quality is not None:
         blocks.append(quality)
+    reasons = a.finished.class_features.dropna().unique() if "class_features" in a.finished else []
+    if len(reasons):
+        blocks.append(Text(f"**Fréchet distance, KID, precision and recall** of {_runs_count(a, 'class_features')}: "
+                           f"{reasons[0]}."))
     return Section("Sharpness", blocks)
+
+
+def _runs_count(a: Analysis, column: str) -> str:
+    n, total = int(a.finished[column].notna().sum()), len(a.finished)
+    return "every finished run" if n == total else f"{n} of {total} finished runs"
 
 
 def _baseline_table(a: Analysis) -> Table | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.vae.encoders import conv_block, downsampled
+from pipeline.vae.encoders import check_conv_shape, conv_block
 from pipeline.vae.pixelcnn import PixelCNNDecoder
 
 
@@ -40,9 +40,11 @@ class MLPDecoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """z → channels × H/4 × W/4, then `depth` conv blocks: two of them upsample (×2 each), the rest refine
-    at half resolution. With depth 1 a single transposed conv upsamples ×4. A 1×1 conv head maps to the
-    likelihood's parameters per pixel and colour channel."""
+    """The conv encoder mirrored, for n = conv_halvings(H, W) halvings: z → channels × H/2^n × W/2^n, then
+    n transposed convolutions upsample ×2 each (`channels` wide, the last channels/2), with depth − 2
+    conv blocks refining at half resolution before the last one (28×28: 7 → 14, refine, → 28). With
+    depth 1 a single transposed conv upsamples ×2^n. A 1×1 conv head maps to the likelihood's parameters
+    per pixel and colour channel."""
 
     autoregressive = False
 
@@ -50,16 +52,16 @@ class ConvDecoder(nn.Module):
                  params_per_pixel: int):
         super().__init__()
         n_colors, height, width = image_shape
-        if height % 4 or width % 4:
-            raise ValueError(f"the conv decoder upsamples ×4 and needs H and W divisible by 4, got {height}×{width}")
+        n = check_conv_shape(image_shape)
         c = channels
-        self.base = (downsampled(height), downsampled(width))
+        self.base = (height >> n, width >> n)
         self.stem = nn.Sequential(nn.Linear(latent_dim, c * self.base[0] * self.base[1]), nn.SiLU())
         blocks: list[nn.Module] = []
         if depth == 1:
-            blocks += [nn.ConvTranspose2d(c, c // 2, 4, stride=4), nn.SiLU()]
+            blocks += [nn.ConvTranspose2d(c, c // 2, 2**n, stride=2**n), nn.SiLU()]
         else:
-            blocks += [nn.ConvTranspose2d(c, c, 4, stride=2, padding=1), nn.SiLU()]  # H/4 → H/2
+            for _ in range(n - 1):
+                blocks += [nn.ConvTranspose2d(c, c, 4, stride=2, padding=1), nn.SiLU()]  # ×2, up to H/2
             blocks += [conv_block(c, c) for _ in range(depth - 2)]
             blocks += [nn.ConvTranspose2d(c, c // 2, 4, stride=2, padding=1), nn.SiLU()]  # H/2 → H
         self.blocks = nn.Sequential(*blocks)
@@ -91,7 +93,7 @@ DECODERS: dict[str, DecoderEntry] = {
         "fully connected, model.decoder_depth hidden layers of model.hidden_dim"),
     "conv": DecoderEntry(
         lambda m, shape, p: ConvDecoder(m.latent_dim, shape, m.decoder_depth, m.channels, p), False,
-        "transposed convolutions from H/4 × W/4, model.channels wide"),
+        "transposed convolutions from H/2^n × W/2^n (see pipeline.vae.encoders.conv_halvings), model.channels wide"),
     "pixelcnn": DecoderEntry(
         lambda m, shape, p: PixelCNNDecoder(m.latent_dim, shape, m.channels, m.decoder_depth, m.kernel_size, p),
         True,

@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from pipeline.data import DATASETS
+from pipeline.data import image_shape as data_image_shape
 from pipeline.likelihoods import Likelihood, LikelihoodOptions, get_likelihood
-from pipeline.vae.decoders import DECODERS
-from pipeline.vae.encoders import ENCODERS, IMAGE_SHAPE
+from pipeline.vae.custom import build_decoder, build_encoder, check_custom_modules
+from pipeline.vae.encoders import IMAGE_SHAPE, check_image_shape
 from pipeline.vae.posterior import DiagonalGaussian
 from pipeline.vae.priors import PRIORS, Prior
 
@@ -209,14 +209,19 @@ class VAE(nn.Module):
         return self.render(self.prior.sample(n, generator=generator), generator)
 
 
-def build_vae(cfg, *, init_images: torch.Tensor | None = None, fixed_sigma: float | None = None) -> VAE:
+def build_vae(cfg, *, init_images: torch.Tensor | None = None, fixed_sigma: float | None = None,
+              image_shape: tuple[int, int, int] | None = None) -> VAE:
     """The VAE of a RunConfig. `init_images` (N, C, H, W), uint8 or in [0, 1]: training images a prior
-    may start from (VampPrior pseudo-inputs); `fixed_sigma`: the σ a σ-VAE scores held-out data with."""
+    may start from (VampPrior pseudo-inputs); `fixed_sigma`: the σ a σ-VAE scores held-out data with;
+    `image_shape` (C, H, W): the data's, when known (training passes its splits', a checkpoint its own);
+    None asks the data config (pipeline.data.image_shape)."""
     m = cfg.model
-    shape = DATASETS[cfg.data.dataset].image_shape
+    shape = tuple(image_shape) if image_shape is not None else data_image_shape(cfg.data)
+    check_image_shape(shape, m.encoder_name, m.decoder_name)  # ImageShapeError naming the keys to change
     likelihood = get_likelihood(cfg.likelihood.name)
-    encoder = ENCODERS[m.encoder_name](m, shape)
-    decoder = DECODERS[m.decoder_name].build(m, shape, likelihood.params_per_pixel)
+    encoder = build_encoder(m, shape)  # a family, or the user's class by import path (pipeline.vae.custom)
+    decoder = build_decoder(m, shape, likelihood.params_per_pixel)
+    check_custom_modules(m, encoder, decoder, shape, likelihood)  # a dummy batch through custom ones only
     entry = PRIORS[cfg.prior.name]
     images = _pick_init_images(cfg, init_images) if entry.needs_images else None
     prior = entry.build(m.latent_dim, cfg.prior.components, encoder, shape, images)
