@@ -109,7 +109,14 @@ def _classifier_shape(splits: Splits) -> tuple[tuple[int, int, int], int]:
             f"the dataset {splits.manifest.get('dataset', '')!r} has no labels: the feature classifier behind the "
             f"Fréchet distance, KID and precision/recall is trained on labelled images (an image folder with one "
             f"subfolder per class, or an .npz with labels)")
-    return tuple(int(s) for s in splits.train_x.shape[1:]), int(splits.manifest.get("n_classes", DEFAULT_N_CLASSES))
+    n_classes = int(splits.manifest.get("n_classes", DEFAULT_N_CLASSES))
+    if n_classes < 2:  # one logit: log-softmax is 0 whatever the weights, so training never moves them
+        raise ClassifierUnavailable(
+            f"the dataset {splits.manifest.get('dataset', '')!r} has {n_classes} class: a classifier learns nothing "
+            f"from one class (its loss is 0 at any weights), and the Fréchet distance, KID and precision/recall in an "
+            f"untrained network's features mean nothing; give it two or more classes, or put the images directly "
+            f"in the folder (no labels)")
+    return tuple(int(s) for s in splits.train_x.shape[1:]), n_classes
 
 
 def classifier_dir(data_cfg) -> Path:

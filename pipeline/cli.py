@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_prepare(args) -> int:
+    from functools import partial
+
     from tqdm.auto import tqdm
 
     from pipeline.config import build_config
@@ -154,7 +156,7 @@ def _cmd_prepare(args) -> int:
                                "test_fraction": args.test_fraction}}).data
     options = dict(image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction)
     prepare(d.dataset, val_size=d.val_size, split_seed=d.split_seed, raw_dir=args.raw_dir, download=args.download,
-            force=args.force, progress=tqdm, **options)
+            force=args.force, progress=partial(tqdm, disable=None), **options)  # no bars in a log file
     if not args.no_classifier:
         from pipeline.classifier import ensure_classifier
         from pipeline.runtime import resolve_device

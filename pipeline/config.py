@@ -87,7 +87,10 @@ class DataConfig(_Section):
     def _dataset(cls, v: str) -> str:
         if v in DATASETS:
             return v
-        looks_like_path = "/" in v or v.startswith(".") or Path(v).suffix.lower() in (".npy", ".npz") or Path(v).exists()
+        if not v.strip():
+            raise ValueError(f"data.dataset is empty; give one of: {', '.join(DATASETS)}, or a path")
+        looks_like_path = "/" in v or v.startswith((".", "~")) or Path(v).suffix.lower() in (".npy", ".npz") \
+            or Path(v).exists()
         if not looks_like_path:
             raise ValueError(f"data.dataset={v!r} is not one of: {', '.join(DATASETS)}, nor a path to a folder of "
                              "images or a .npy/.npz file (write ./NAME for a folder in the current directory)")
@@ -95,7 +98,9 @@ class DataConfig(_Section):
             source_kind(source_path(v))
         except SourceError as e:
             raise ValueError(str(e)) from None
-        return v
+        # Held absolute: the config is hashed into the run's directory and stored with its checkpoint, so
+        # ./images typed in two directories is two datasets, and a stored run finds its data from anywhere.
+        return str(source_path(v))
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -306,7 +311,8 @@ class EvalConfig(_Section):
     batch_size: int = Field(500, ge=1)
     mi_batch: int = Field(1000, ge=2)
     # Prior samples for sample sharpness and the classifier Fréchet distance; None = 10,000 (an
-    # autoregressive decoder on CPU: 256, drawn pixel by pixel, and as many test reconstructions).
+    # autoregressive decoder on CPU: 256 at 1×28×28, as many drawn values at other sizes, drawn pixel by pixel,
+    # and as many test reconstructions; pipeline.evaluate.default_n_samples).
     n_samples: int | None = Field(None, ge=2)
 
 

@@ -313,9 +313,9 @@ def _read_idx(spec: DatasetSpec, o: DataOptions, raw_dir, download, root, log):
     return source, raw, {"raw_sha256": checksums, "checksums_verified": spec.sha256 is not None}
 
 
-def _read_torchvision(spec: DatasetSpec, raw_dir, download, root, progress, log):
+def _read_torchvision(spec: DatasetSpec, raw_dir, download, root, progress, log, size, channels):
     readers = {"cifar10": src.read_cifar10, "svhn": src.read_svhn,
-               "celeba": lambda d: src.read_celeba(d, progress)}
+               "celeba": lambda d: src.read_celeba(d, progress, size, channels)}
     dirs = _raw_candidates(spec, Path(raw_dir) if raw_dir else None, root)
     for d in dirs:
         try:
@@ -384,7 +384,7 @@ def prepare(
     files are unchanged), nothing is redone. `progress`: a tqdm-like wrapper for long reads, or None.
     """
     o = DataOptions(dataset, val_size, split_seed, image_size, channels, test_fraction)
-    if not o.named and dataset in ("", "."):
+    if not dataset:
         raise DataError("data.dataset is empty; give a dataset name or a path")
     out = prepared_dir(o, root)
     if not force and _cache_valid(out):
@@ -400,21 +400,20 @@ def prepare(
     if raw_dir and not Path(raw_dir).is_dir():
         spec = DATASETS.get(dataset)
         raise DataError(f"--raw-dir {raw_dir} is not a directory." + (f"\n{_how_to_get(spec)}" if spec else ""))
-    if o.named:
-        spec = DATASETS[dataset]
-        if spec.reader == "idx":
-            source, raw, extra = _read_idx(spec, o, raw_dir, download, root, log)
+    if not o.named and (raw_dir or download):
+        raise DataError(f"--raw-dir and --download are for named datasets ({', '.join(DATASETS)}); "
+                        f"{dataset} is a path and is read from there")
+    try:
+        if o.named and DATASETS[dataset].reader == "idx":
+            source, raw, extra = _read_idx(DATASETS[dataset], o, raw_dir, download, root, log)
+        elif o.named:
+            source, raw = _read_torchvision(DATASETS[dataset], raw_dir, download, root, progress, log, size,
+                                            want_channels)
         else:
-            source, raw = _read_torchvision(spec, raw_dir, download, root, progress, log)
-    else:
-        if raw_dir or download:
-            raise DataError(f"--raw-dir and --download are for named datasets ({', '.join(DATASETS)}); "
-                            f"{dataset} is a path and is read from there")
-        source = source_path(dataset)
-        try:
-            raw = src.read_path(source, progress)
-        except src.SourceError as e:
-            raise DataError(str(e)) from None
+            source = source_path(dataset)
+            raw = src.read_path(source, progress, size, want_channels)
+    except src.SourceError as e:
+        raise DataError(str(e)) from None
     if raw.files:
         base = source if source.is_dir() else source.parent
         extra["source_files"] = _file_records(raw.files, base, progress)
@@ -422,6 +421,8 @@ def prepare(
         train, test, classes = src.conform(raw, size, want_channels, SIDE_RANGE, dataset)
     except src.SourceError as e:
         raise DataError(str(e)) from None
+    for note in raw.notes:
+        log(f"[prepare] note: {note}")
     parts = _split(train, test, o)
     # Standard strides (numpy gives size-1 dims others): the same tensors always serialize to the same bytes.
     tensors = {k: None if v is None else torch.from_numpy(np.array(v)).clone(memory_format=torch.contiguous_format)

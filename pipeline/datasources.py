@@ -6,8 +6,9 @@ files in the layouts read below, and a user can point ``--raw-dir`` at the same 
 
 Layouts:
 - an image folder (PNG, JPEG, BMP, WebP): images directly inside it (no labels), or one subfolder per
-  class (torchvision's ImageFolder convention: labels are the sorted folder names); either of those
-  inside ``train/`` and ``test/`` subfolders gives the test split;
+  class (torchvision's ImageFolder convention: labels are the sorted folder names, and a class's images
+  may sit in folders below its own); either of those inside ``train/`` and ``test/`` subfolders gives
+  the test split. Hidden files and folders (``.DS_Store``, macOS's ``._name.png``) are not read;
 - a ``.npy`` file: uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) with C = 1 or 3, no labels;
 - a ``.npz`` file: images under ``images``/``x``/``X``/``data`` (or the only array) and optional
   labels under ``labels``/``y``/``Y``/``targets``; or ``x_train``, ``x_test`` (+ ``y_train``,
@@ -21,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,19 +82,52 @@ def source_kind(path: Path) -> str:
 
 
 # --- image folders -------------------------------------------------------------------------------
+def _hidden(path: Path) -> bool:
+    # Finder's .DS_Store and the ._name.png resource forks macOS leaves on other file systems: not images.
+    return path.name.startswith(".")
+
+
 def _images_in(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in directory.iterdir() if not _hidden(p) and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _subdirs(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not _hidden(p))
+
+
+def _images_below(directory: Path) -> list[Path]:
+    """A class folder's images, at any depth (as torchvision's ImageFolder reads them); a folder linked
+    in twice (or into itself) is read once."""
+    out, seen = [], set()
+
+    def walk(d: Path) -> None:
+        real = os.path.realpath(d)
+        if real in seen:
+            return
+        seen.add(real)
+        out.extend(_images_in(d))
+        for sub in _subdirs(d):
+            walk(sub)
+
+    walk(directory)
+    return sorted(out)
+
+
+def _is_split_layout(root: Path) -> bool:
+    """Whether a folder holds a train/ and a test/ part (and no images of its own)."""
+    return (root / "train").is_dir() and (root / "test").is_dir() and not _images_in(root)
 
 
 def _folder_listing(root: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
     """(files, labels or None, class names or None) of a folder: flat, or one subfolder per class."""
     flat, classes = _images_in(root), _subdirs(root)
-    class_files = {c.name: _images_in(c) for c in classes}
+    class_files = {c.name: _images_below(c) for c in classes}
     class_files = {name: files for name, files in class_files.items() if files}
+    if "train" in class_files and not flat:
+        # train/ next to val/ (and no test/) would otherwise become two classes named "train" and "val".
+        raise SourceError(f"{root} has a train/ subfolder but no test/ one; a split layout needs train/ and test/ "
+                          "(the validation images are drawn from train/ with data.val_size): rename the held-out "
+                          "folder test/, or, if train is a class name, rename that folder")
     if flat and class_files:
         raise SourceError(f"{root} holds images both directly ({flat[0].name}, …) and in class subfolders "
                           f"({', '.join(list(class_files)[:3])}); keep one layout: all images in class subfolders "
@@ -117,30 +153,41 @@ def read_image(path: Path) -> np.ndarray:
             if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 raise SourceError(f"{path}: {img.mode}-mode images (16-bit or float) are not supported; save 8-bit images")
             arr = np.asarray(img.convert("L" if grey else "RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise SourceError(f"{path} cannot be read as an image ({e}); remove or replace it") from None
     return arr[None] if grey else arr.transpose(2, 0, 1).copy()
 
 
-def _read_files(files: list[Path], progress: Callable | None) -> list[np.ndarray]:
-    it = progress(files, desc="reading images", unit="img") if progress else files
-    return [read_image(f) for f in it]
+def _read_files(files: list[Path], progress: Callable | None, size: int | None = None,
+                channels: int | None = None) -> list[np.ndarray]:
+    """The images, each converted as it is read (see convert): a folder of large photos is held at the
+    size asked for, not at its own."""
+    bar = progress(files, desc="reading images", unit="img") if progress else None
+    try:
+        return [convert(read_image(f), size, channels) for f in (bar if bar is not None else files)]
+    finally:
+        if bar is not None and hasattr(bar, "close"):
+            bar.close()  # before an error is printed, not after it on the same line
 
 
-def read_folder(root: Path, progress: Callable | None = None) -> RawImages:
-    parts = {name: root / name for name in ("train", "test")}
-    if all(p.is_dir() for p in parts.values()) and not _images_in(root):
+def read_folder(root: Path, progress: Callable | None = None, size: int | None = None,
+                channels: int | None = None) -> RawImages:
+    if _is_split_layout(root):
+        parts = {name: root / name for name in ("train", "test")}
         train_files, train_labels, train_classes = _folder_listing(parts["train"])
         test_files, test_labels, test_classes = _folder_listing(parts["test"])
         if train_classes != test_classes:
             raise SourceError(f"{parts['train']} and {parts['test']} must have the same class subfolders (or none): "
                               f"train has {train_classes or 'none'}, test has {test_classes or 'none'}")
-        images = _read_files(train_files + test_files, progress)
+        others = [d.name for d in _subdirs(root) if d.name not in parts and _images_below(d)]
+        notes = [f"{root}: {', '.join(others)}/ not read (the test images are test/'s, and the validation images "
+                 "are drawn from train/ with data.val_size)"] if others else []
+        images = _read_files(train_files + test_files, progress, size, channels)
         n = len(train_files)
         return RawImages(Part(images[:n], _labels(train_labels)), Part(images[n:], _labels(test_labels)),
-                         train_files + test_files, train_classes)
+                         train_files + test_files, train_classes, notes)
     files, labels, classes = _folder_listing(root)
-    return RawImages(Part(_read_files(files, progress), _labels(labels)), None, files, classes)
+    return RawImages(Part(_read_files(files, progress, size, channels), _labels(labels)), None, files, classes)
 
 
 def _labels(labels: list[int] | None) -> np.ndarray | None:
@@ -175,23 +222,35 @@ def _label_array(labels, n: int, where: str) -> np.ndarray:
 
 def _part(images: np.ndarray, labels, where: str) -> Part:
     x = to_nchw(images, where)
-    return Part(list(x), None if labels is None else _label_array(labels, x.shape[0], where))
+    return Part(x, None if labels is None else _label_array(labels, x.shape[0], where))
+
+
+# What np.load raises for a damaged file: a short read, a bad zip directory or member, a bad header.
+_NP_LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def read_npy(path: Path) -> RawImages:
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path} cannot be read as a .npy array ({e})") from None
+    except _NP_LOAD_ERRORS as e:
+        raise SourceError(f"{path} cannot be read as a .npy array ({e}); save it with np.save") from None
+    if not isinstance(array, np.ndarray):  # np.load reads by content: this is a .npz archive
+        array.close()
+        raise SourceError(f"{path} is a .npz archive, not a .npy array; name it .npz")
     return RawImages(_part(array, None, str(path)), None, [path])
 
 
 def read_npz(path: Path) -> RawImages:
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):  # np.load reads by content: this is a .npy array
+            raise SourceError(f"{path} is a .npy array, not a .npz archive; name it .npy")
+        with loaded as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise SourceError(f"{path} cannot be read as a .npz archive ({e})") from None
+    except _NP_LOAD_ERRORS as e:
+        raise SourceError(f"{path} cannot be read as a .npz archive ({e}); save it with np.savez") from None
+    if not arrays:
+        raise SourceError(f"{path} holds no arrays; save the images in it (np.savez(path, images=..., labels=...))")
     if "x_train" in arrays and "x_test" in arrays:
         train = _part(arrays["x_train"], arrays.get("y_train"), f"{path}[x_train]")
         test = _part(arrays["x_test"], arrays.get("y_test"), f"{path}[x_test]")
@@ -208,25 +267,22 @@ def read_npz(path: Path) -> RawImages:
     return RawImages(_part(arrays[key], arrays.get(label_key) if label_key else None, f"{path}[{key}]"), None, [path])
 
 
-def read_path(path: Path, progress: Callable | None = None) -> RawImages:
+def read_path(path: Path, progress: Callable | None = None, size: int | None = None,
+              channels: int | None = None) -> RawImages:
+    """A user's source as read; a folder's images already converted to `size` and `channels` (convert)."""
     kind = source_kind(path)
     if kind == "folder":
-        return read_folder(path, progress)
+        return read_folder(path, progress, size, channels)
     return read_npy(path) if kind == "npy" else read_npz(path)
 
 
 def source_files(path: Path) -> list[Path]:
-    """The files a path source is read from, without reading them (for the cache's change check)."""
+    """The files a path source is read from, without reading them (for the cache's change check); raises
+    SourceError where the folder cannot be read as a source."""
     if source_kind(path) != "folder":
         return [path]
-    roots = [path / "train", path / "test"] if (path / "train").is_dir() and (path / "test").is_dir() \
-        and not _images_in(path) else [path]
-    out = []
-    for root in roots:
-        out += _images_in(root)
-        for sub in _subdirs(root):
-            out += _images_in(sub)
-    return sorted(out)
+    roots = [path / "train", path / "test"] if _is_split_layout(path) else [path]
+    return sorted(f for root in roots for f in _folder_listing(root)[0])
 
 
 # --- torchvision's layouts ------------------------------------------------------------------------
@@ -251,10 +307,17 @@ def read_cifar10(directory: Path) -> RawImages:
         raise FileNotFoundError(f"{root}: missing {', '.join(missing)}")
 
     def part(batch_files: list[Path]) -> Part:
-        batches = [_unpickle(f) for f in batch_files]
-        x = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
-        return Part(list(x), y)
+        xs, ys = [], []
+        for f in batch_files:
+            b = _unpickle(f)
+            try:
+                xs.append(np.asarray(b[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(b[b"labels"], dtype=np.int64).reshape(-1))
+            except (KeyError, TypeError, ValueError) as e:
+                raise SourceError(f"{f} is not a CIFAR-10 batch ({type(e).__name__}: {e}); re-download it") from None
+            if len(xs[-1]) != len(ys[-1]):
+                raise SourceError(f"{f} holds {len(xs[-1])} images and {len(ys[-1])} labels; re-download it")
+        return Part(np.concatenate(xs), np.concatenate(ys))
 
     return RawImages(part(files[:5]), part(files[5:]), files, CIFAR10_CLASSES)
 
@@ -271,16 +334,21 @@ def read_svhn(directory: Path) -> RawImages:
     def part(path: Path) -> Part:
         try:
             mat = loadmat(path)
-        except (OSError, ValueError, TypeError) as e:
-            raise SourceError(f"{path} cannot be read as an SVHN .mat file ({e}); re-download it") from None
-        x = np.asarray(mat["X"], dtype=np.uint8).transpose(3, 2, 0, 1)
-        y = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10  # the digit 0 is stored as 10
-        return Part(list(x), y)
+            x = np.asarray(mat["X"], dtype=np.uint8).transpose(3, 2, 0, 1)
+            y = np.asarray(mat["y"], dtype=np.int64).reshape(-1) % 10  # the digit 0 is stored as 10
+        except (OSError, ValueError, TypeError, KeyError, EOFError) as e:
+            raise SourceError(f"{path} cannot be read as an SVHN .mat file ({type(e).__name__}: {e}); "
+                              "re-download it") from None
+        if x.shape[1:] != (3, 32, 32) or len(x) != len(y):
+            raise SourceError(f"{path}: X of shape {mat['X'].shape} and {len(y)} labels are not SVHN's "
+                              "(32, 32, 3, N) images with N labels; re-download it")
+        return Part(x, y)
 
     return RawImages(part(files[0]), part(files[1]), files, [str(d) for d in range(10)])
 
 
-def read_celeba(directory: Path, progress: Callable | None = None) -> RawImages:
+def read_celeba(directory: Path, progress: Callable | None = None, size: int | None = None,
+                channels: int | None = None) -> RawImages:
     """``celeba/img_align_celeba/*.jpg`` with ``list_eval_partition.txt`` (0 train, 1 val, 2 test); no class
     labels (the 40 attributes are not classes). The official validation part joins the training pool."""
     root = directory / "celeba" if (directory / "celeba").is_dir() else directory
@@ -296,7 +364,8 @@ def read_celeba(directory: Path, progress: Callable | None = None) -> RawImages:
             (test if int(part) == 2 else train).append(images / name)
         except ValueError:
             raise SourceError(f"{partition}:{line_no}: expected 'FILE PARTITION', got {line!r}") from None
-    read = _read_files(train + test, progress)
+    # Converted as read: the 202,599 faces are 23 GB at 178×218, 2.5 GB at 64×64.
+    read = _read_files(train + test, progress, size, channels)
     return RawImages(Part(read[: len(train)], None), Part(read[len(train):], None), [partition, *train, *test])
 
 
@@ -345,9 +414,10 @@ def _stack(images, size: int | None, channels: int, where: str, side_range: tupl
             shapes.setdefault(im.shape[1:], i)
         if len(shapes) > 1:
             (a, i), (b, j) = list(shapes.items())[:2]
+            side = min(max(min(a + b), side_range[0]), side_range[1])
             raise SourceError(f"{where}: images differ in size (image {i} is {a[0]}×{a[1]}, image {j} is {b[0]}×{b[1]}); "
-                              "set data.image_size (e.g. 32) to resize and centre-crop them all to one square size")
-        out = np.stack(out_list) if out_list else np.zeros((0, channels, size or 1, size or 1), np.uint8)
+                              f"set data.image_size (e.g. {side}) to resize and centre-crop them all to one square size")
+        out = np.stack(out_list)
     lo, hi = side_range
     h, w = out.shape[2:]
     if not (lo <= h <= hi and lo <= w <= hi):
@@ -369,6 +439,9 @@ def conform(raw: RawImages, size: int | None, channels: int | None, side_range: 
     parts = [raw.train] + ([raw.test] if raw.test is not None else [])
     if channels is None:  # grey unless some image has colour
         channels = 3 if any(_has_colour(p) for p in parts) else 1
+    for name, p in zip(("training", "test"), parts):
+        if len(p.images) == 0:
+            raise SourceError(f"{where}: the {name} part has no images" if len(parts) == 2 else f"{where} has no images")
     stacked = [_stack(p.images, size, channels, where, side_range) for p in parts]
     if len(stacked) == 2 and stacked[0].shape[1:] != stacked[1].shape[1:]:
         raise SourceError(f"{where}: training images are {stacked[0].shape[2]}×{stacked[0].shape[3]} and test images "
@@ -378,8 +451,14 @@ def conform(raw: RawImages, size: int | None, channels: int | None, side_range: 
     if any(labelled) and not all(labelled):
         raise SourceError(f"{where}: the training images have labels and the test images do not (or the reverse)")
     labels = [p.labels for p in parts]
+    values = np.unique(np.concatenate(labels)) if all(labelled) else np.zeros(0)
+    if all(labelled) and len(values) < 2:
+        # One class is no labelling: a classifier's loss on it is 0 at any weights, so its features would be
+        # an untrained network's. Treated as unlabelled (pipeline.evaluate reports class features unavailable).
+        raw.notes.append(f"every image has the same label ({(classes or [str(values[0])])[0]!r}): one class is "
+                         "treated as no labels")
+        labels, labelled = [None] * len(parts), [False] * len(parts)
     if all(labelled):
-        values = np.unique(np.concatenate(labels))
         if classes is None or len(classes) < len(values):
             if not np.array_equal(values, np.arange(len(values))):
                 labels = [np.searchsorted(values, y).astype(np.int64) for y in labels]

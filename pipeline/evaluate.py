@@ -58,11 +58,14 @@ def default_iwae_k(device: torch.device, autoregressive: bool = False) -> int:
     return 1000 if device.type == "cuda" else 100
 
 
-def default_n_samples(device: torch.device, autoregressive: bool = False) -> int:
+def default_n_samples(device: torch.device, autoregressive: bool = False, data_dims: int = 784) -> int:
     """Prior samples for sharpness and Fréchet distance. Pixel by pixel, the depth-4 PixelCNN of
-    studies/autoregressive.yaml draws ~8 images/s on this project's 2-core CPU (`make bench`), so 256
-    samples and as many reconstructions take about a minute there."""
-    return 256 if autoregressive and device.type != "cuda" else 10_000
+    studies/autoregressive.yaml draws ~8 1×28×28 images/s on this project's 2-core CPU (`make bench`), so
+    256 samples and as many reconstructions take about a minute there; a draw costs one step per value
+    (C·H·W = `data_dims`), so other sizes get as many values in all: 64 of 3×64×64, 3,136 of 1×8×8."""
+    if autoregressive and device.type != "cuda":
+        return min(10_000, max(64, round(256 * 784 / data_dims)))
+    return 10_000
 
 
 def _chunk_for(k: int, batch: int, budget: int = 20_000) -> int:
@@ -389,7 +392,7 @@ def evaluate_stage(checkpoint: str | Path | None = None, run_id: str | None = No
     test = DeviceData(test_x, dev, "static" if cfg.data.binarize != "none" else "none", static_seed=cfg.data.split_seed + 2)
     k_arg, n_samples_arg = k, n_samples
     k = k or default_iwae_k(dev, model.autoregressive)
-    n_samples = n_samples or default_n_samples(dev, model.autoregressive)
+    n_samples = n_samples or default_n_samples(dev, model.autoregressive, model.data_dims)
     other_sets = other_image_sets(cfg, splits, test_x, dev, cfg.eval.train_subset if train_subset is None else train_subset)
     classifier, classifier_info = None, None
     if splits.has_labels:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -205,7 +206,7 @@ def _attach(cfg: RunConfig, sink, info: dict, run_dir: Path, splits, on_run, ext
     if params["eval.iwae_k"] is None:
         params["eval.iwae_k"] = default_iwae_k(device, autoregressive)
     if params["eval.n_samples"] is None:
-        params["eval.n_samples"] = default_n_samples(device, autoregressive)
+        params["eval.n_samples"] = default_n_samples(device, autoregressive, math.prod(splits.train_x.shape[1:]))
     sink.log_params(params)  # skips keys already there, so a re-attached run is completed
     sink.set_tags(
         {

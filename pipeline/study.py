@@ -713,15 +713,18 @@ def _check_objectives_measurable(spec: StudySpec, log) -> None:
     """A class-feature objective (Fréchet distance, KID, precision/recall) on a dataset without labels would
     fail every trial after its training: say so before the first one (preparing the data, which the first
     trial would do anyway)."""
+    from pipeline.config import ConfigError, build_config
+    from pipeline.data import DATASETS, ensure_splits
     from pipeline.evaluate import CLASS_FEATURE_METRICS
 
     needs_labels = [o.metric for o in spec.objectives if o.metric in CLASS_FEATURE_METRICS]
-    if not needs_labels:
+    if not needs_labels or (spec.dataset in DATASETS and spec.dataset != "celeba"):  # named ones have labels
         return
-    from pipeline.config import build_config
-    from pipeline.data import ensure_splits
-
-    if not ensure_splits(build_config({}, base_overrides(spec)).data, log=log).has_labels:
+    try:
+        data_cfg = build_config({}, base_overrides(spec)).data
+    except ConfigError:  # a base valid only with the space's values: each trial's config is checked anyway
+        return
+    if not ensure_splits(data_cfg, log=log).has_labels:
         raise StudyError(f"objective {needs_labels[0]} is measured in the features of a classifier trained on the "
                          f"dataset's labels, and {spec.dataset} has none: choose another objective (test/iwae_nll, "
                          "test/active_units, test/sharpness/…) or give the images labels (one subfolder per class, or "

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pipeline.augment import augmenter
 from pipeline.checkpoint import CHECKPOINT, load_checkpoint
 from pipeline.config import RunConfig
-from pipeline.data import DeviceData, Splits, ensure_splits
+from pipeline.data import DataError, DeviceData, Splits, ensure_splits
 from pipeline.fileio import atomic_torch_save
 from pipeline.images import pairs, save_grid
 from pipeline.objectives import FREE_BITS_MODES, beta_at
@@ -111,6 +111,17 @@ class TrainResult:
     val: dict[str, float] = field(default_factory=dict)
     images_per_s: float | None = None
     diverged_at_step: int | None = None
+
+
+def _check_same_data(seen: str | None, splits: Splits, run_dir: Path) -> None:
+    """A run resumes only on the data its checkpoint was trained on (a user's source can change between
+    attempts; prepare then prepares it again). Checkpoints written before the digest was recorded pass."""
+    now = splits.manifest["splits_sha256"]
+    if seen and seen != now:
+        raise DataError(
+            f"{run_dir}: the prepared data changed since this run's checkpoint (splits digest {seen[:12]} → {now[:12]}); "
+            "resuming would train one run on two datasets. Restore the data, or train the run again from the start "
+            "(`train --restart`; in a study, delete this directory and rerun the study)")
 
 
 def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -235,6 +246,7 @@ def fit(
     if resume and ckpt_path.exists():
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights where they belong.
         ck = load_checkpoint(ckpt_path, "cpu")
+        _check_same_data(ck.get("splits_sha256"), splits, run_dir)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         set_rng_state(ck["rng"])
@@ -332,6 +344,7 @@ def fit(
                 "config_hash": cfg.result_hash(),
                 "run_id": sink.run_id,
                 "image_shape": list(model.image_shape),
+                "splits_sha256": splits.manifest["splits_sha256"],
             },
             ckpt_path,
         )

@@ -61,6 +61,18 @@ def test_a_bad_import_path_fails_at_load_naming_the_key(override, needles):
     assert all(n in msg for n in needles), msg
 
 
+def test_a_missing_import_inside_the_users_module_is_not_taken_for_the_module_itself(tmp_path, monkeypatch):
+    # byo_nets_v2 imports byo_nets, which is missing: a name that is a prefix of the module's, not its package.
+    (tmp_path / "byo_nets_v2.py").write_text("import byo_nets\nfrom torch import nn\n\n\nclass Enc(nn.Module):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    msg = _config_error("model.encoder=byo_nets_v2:Enc")
+    assert "importing module 'byo_nets_v2' failed" in msg and "install what it imports ('byo_nets')" in msg, msg
+    assert "byo_nets_v2.py:1" in msg and "cannot import module" not in msg
+    # A missing parent package is still the module's own absence.
+    msg = _config_error("model.encoder=byo_no_such_pkg.nets:Enc")
+    assert "cannot import module 'byo_no_such_pkg.nets'" in msg and "PYTHONPATH" in msg, msg
+
+
 def test_constructor_arguments_are_checked_at_load():
     # A built-in family takes no constructor arguments: they would be silently ignored.
     msg = _config_error("model.encoder_args.width=8")
@@ -246,6 +258,15 @@ def test_a_custom_encoder_and_decoder_train_evaluate_and_are_traceable(home):
     assert math.isfinite(run.data.metrics["test/iwae_nll"]) and math.isfinite(run.data.metrics["test/elbo"])
     assert "test/active_units" in run.data.metrics
     assert json.loads((Path(result.run_dir) / "model_sources.json").read_text())["model.encoder_source_sha256"] == digest
+
+
+def test_a_custom_module_run_resumes_bitwise_under_its_stable_state_dict_keys(home, monkeypatch):
+    from .test_train import _cfg, straight_and_resumed_weights
+
+    cfg = _cfg(*TINY, "model.encoder_args.width=8", "model.decoder_args.width=8", "tracking.enabled=false")
+    straight, resumed = straight_and_resumed_weights(home, monkeypatch, cfg)
+    assert any(k.startswith("encoder.net.") for k in straight) and any(k.startswith("decoder.net.") for k in straight)
+    assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 def test_a_custom_autoregressive_decoder_trains_and_is_sampled_pixel_by_pixel(home):

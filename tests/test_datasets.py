@@ -267,3 +267,168 @@ def test_named_datasets_say_how_to_get_them_without_touching_the_network(tmp_pat
     for name in ("cifar10", "svhn", "celeba"):
         with pytest.raises(DataError, match=f"--dataset {name} --download"):
             prepare(name, root=tmp_path, **QUIET)
+
+
+# --- found by the bad-input campaign -----------------------------------------------------------------
+def test_hidden_files_are_skipped_and_class_folders_are_read_at_any_depth(tmp_path):
+    folder = tmp_path / "classes"
+    _png_folder(folder / "cat" / "indoor", n=6, size=(8, 8), seed=1)
+    _png_folder(folder / "cat", n=4, size=(8, 8), seed=2)
+    _png_folder(folder / "dog" / "a" / "b", n=5, size=(8, 8), seed=3)
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "cat" / "._img000.png").write_bytes(b"\0\5\26\7 macOS resource fork")  # not a PNG
+    _png_folder(folder / "dog" / ".thumbnails", n=3, size=(8, 8))  # a hidden folder: not read
+    prepare(str(folder), val_size=2, root=tmp_path / "data", **QUIET)
+    s = load_splits(str(folder), 2, root=tmp_path / "data")
+    assert s.manifest["classes"] == ["cat", "dog"]
+    labels = torch.cat([s.train_y, s.val_y, s.test_y])
+    assert (labels == 0).sum() == 10 and (labels == 1).sum() == 5  # ImageFolder: a class's images at any depth
+    assert sorted(s.manifest["source_files"])[0] == "cat/img000.png" and "dog/a/b/img004.png" in s.manifest["source_files"]
+    # A file added two levels down is a change of the source.
+    messages: list[str] = []
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "dog" / "a" / "new.png")
+    prepare(str(folder), val_size=2, root=tmp_path / "data", log=messages.append)
+    assert "1 added: dog/a/new.png" in messages[0]
+
+
+def test_split_layouts_train_without_test_is_refused_and_a_val_folder_is_said_to_be_unread(tmp_path):
+    for part in ("train", "val"):
+        _png_folder(tmp_path / "tv" / part, n=6, size=(8, 8))
+    with pytest.raises(DataError, match="train/ subfolder but no test/ one"):  # not two classes "train" and "val"
+        prepare(str(tmp_path / "tv"), val_size=2, root=tmp_path / "data", **QUIET)
+    for part in ("train", "val", "test"):
+        _png_folder(tmp_path / "tvt" / part, n=6, size=(8, 8))
+    messages: list[str] = []
+    prepare(str(tmp_path / "tvt"), val_size=2, root=tmp_path / "data", log=messages.append)
+    assert any("val/ not read" in m for m in messages)
+    assert load_splits(str(tmp_path / "tvt"), 2, root=tmp_path / "data").manifest["counts"] == \
+        {"train": 4, "val": 2, "test": 6}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("npy_named_npz", "is a .npy array, not a .npz archive; name it .npy"),
+    ("npz_named_npy", "is a .npz archive, not a .npy array; name it .npz"),
+    ("truncated_npz", "cannot be read as a .npz archive"),
+    ("corrupt_npz_member", "cannot be read as a .npz archive.*CRC"),
+    ("empty_npz", "holds no arrays"),
+    ("empty_npy", "has no images"),
+    ("empty_test_part", "the test part has no images"),
+    ("bad_cifar_batch", "is not a CIFAR-10 batch"),
+])
+def test_damaged_arrays_get_one_clear_error_and_write_nothing(tmp_path, case, message):
+    images = np.zeros((10, 8, 8), np.uint8)
+    if case == "npy_named_npz":
+        np.save(tmp_path / "x.npy", images)
+        source = (tmp_path / "x.npy").rename(tmp_path / "x.npz")
+    elif case == "npz_named_npy":
+        np.savez(tmp_path / "x.npz", images=images)
+        source = (tmp_path / "x.npz").rename(tmp_path / "x.npy")
+    elif case in ("truncated_npz", "corrupt_npz_member"):
+        source = tmp_path / "x.npz"
+        np.savez(source, images=np.arange(10 * 64, dtype=np.uint8).reshape(10, 8, 8))
+        blob = bytearray(source.read_bytes())
+        if case == "truncated_npz":
+            blob = blob[: len(blob) // 2]
+        else:
+            blob[200:260] = b"\xff" * 60  # inside the stored images.npy member
+        source.write_bytes(bytes(blob))
+    elif case == "empty_npz":
+        source = tmp_path / "x.npz"
+        np.savez(source)
+    elif case == "empty_npy":
+        source = tmp_path / "x.npy"
+        np.save(source, images[:0])
+    elif case == "empty_test_part":
+        source = tmp_path / "x.npz"
+        np.savez(source, x_train=images, x_test=images[:0])
+    else:
+        source = "cifar10"
+        raw = _cifar_dir(tmp_path / "cifar")
+        with open(raw / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+            pickle.dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}, f)  # not 3×32×32 rows
+    extra = {"raw_dir": tmp_path / "cifar"} if source == "cifar10" else {}
+    with pytest.raises(DataError, match=message):
+        prepare(str(source), val_size=2, root=tmp_path / "data", **extra, **QUIET)
+    assert not any((tmp_path / "data").rglob("*.pt"))
+
+
+def test_a_relative_path_is_held_absolute_so_two_directories_are_two_datasets(tmp_path, monkeypatch):
+    for d in ("a", "b"):
+        _png_folder(tmp_path / d / "imgs", n=10, size=(8, 8), seed=ord(d))
+    configs = []
+    for d in ("a", "b"):
+        monkeypatch.chdir(tmp_path / d)
+        configs.append(build_config({"data": {"dataset": "./imgs", "val_size": 2}}))
+    assert [c.data.dataset for c in configs] == [str(tmp_path / "a" / "imgs"), str(tmp_path / "b" / "imgs")]
+    assert configs[0].result_hash() != configs[1].result_hash()  # not one run directory for both
+    monkeypatch.chdir(tmp_path / "a" / "imgs")
+    here = build_config({"data": {"dataset": ".", "val_size": 2}})
+    assert here.data.dataset == configs[0].data.dataset and here.result_hash() == configs[0].result_hash()
+    prepare(here.data.dataset, val_size=2, root=tmp_path / "data", **QUIET)  # "." is a folder like any other
+    assert prepared_dir(here.data, tmp_path / "data") == prepared_dir(configs[0].data, tmp_path / "data")
+    with pytest.raises(ConfigError, match="data.dataset is empty"):
+        build_config({"data": {"dataset": ""}})
+
+
+def test_grey_images_among_colour_ones_are_converted_as_read_like_pil_would(tmp_path):
+    folder = _png_folder(tmp_path / "mix", n=6, size=(30, 21), mode="RGB")
+    grey = np.random.default_rng(5).integers(0, 256, (21, 30), dtype=np.uint8)
+    Image.fromarray(grey).save(folder / "grey.png")
+    prepare(str(folder), val_size=2, image_size=12, root=tmp_path, **QUIET)
+    s = load_splits(str(folder), 2, root=tmp_path, image_size=12)
+    # 30×21 → shorter side 21 to 12 (17×12), centre crop 12×12, with the grey image repeated in R, G and B.
+    ref = Image.fromarray(grey).convert("RGB").resize((17, 12), Image.BILINEAR).crop((2, 0, 14, 12))
+    expected = np.asarray(ref).transpose(2, 0, 1)
+    assert s.train_x.shape[1:] == (3, 12, 12)
+    assert any(np.array_equal(x.numpy(), expected) for x in torch.cat([s.train_x, s.val_x, s.test_x]))
+
+
+def test_a_failing_read_closes_its_progress_bar_before_the_error_is_shown(tmp_path):
+    import io
+    from functools import partial
+
+    from tqdm import tqdm
+
+    folder = _png_folder(tmp_path / "bad", n=8, size=(8, 8))
+    blob = (folder / "img004.png").read_bytes()
+    (folder / "img004.png").write_bytes(blob[: len(blob) // 2])
+    shown = io.StringIO()
+    try:
+        prepare(str(folder), val_size=2, root=tmp_path, progress=partial(tqdm, file=shown), **QUIET)
+    except DataError as e:  # looked at while the error is alive, as the CLI prints it
+        assert "img004.png cannot be read as an image" in str(e)
+        assert shown.getvalue().endswith("\n")  # the bar's line is finished: the error starts on its own line
+    else:
+        pytest.fail("a truncated PNG was read")
+
+
+def test_one_class_is_no_labelling(tmp_path):
+    folder = _png_folder(tmp_path / "one", n=20, size=(8, 8), classes=["only"])
+    messages: list[str] = []
+    prepare(str(folder), val_size=4, root=tmp_path, log=messages.append)
+    s = load_splits(str(folder), 4, root=tmp_path)
+    assert not s.has_labels and s.n_classes == 0 and s.manifest["classes"] is None
+    assert any("same label ('only')" in m and "treated as no labels" in m for m in messages)
+    np.savez(tmp_path / "one.npz", images=np.zeros((20, 8, 8), np.uint8), labels=np.full(20, 7))
+    prepare(str(tmp_path / "one.npz"), val_size=4, root=tmp_path, **QUIET)
+    assert not load_splits(str(tmp_path / "one.npz"), 4, root=tmp_path).has_labels
+
+
+def test_a_run_does_not_resume_on_changed_data(tmp_path, monkeypatch):
+    from pipeline.stages import train_stage
+
+    monkeypatch.setenv("VAE_PIPELINE_HOME", str(tmp_path))
+    folder = _png_folder(tmp_path / "imgs", n=40, size=(8, 8))
+    cfg = build_config({}, {"data.dataset": str(folder), "data.val_size": 4, "train.epochs": 2, "model.hidden_dim": 16,
+                            "tracking.enabled": False, "eval.enabled": False, "train.grid_images": 2})
+
+    def stop_after_the_first_epoch(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt  # as a Ctrl-C after the first checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(cfg, log=lambda *_: None, progress=False, on_epoch=stop_after_the_first_epoch)
+    Image.fromarray(np.full((8, 8), 3, np.uint8)).save(folder / "img000.png")
+    with pytest.raises(DataError, match="data changed since this run's checkpoint.*--restart"):
+        train_stage(cfg, log=lambda *_: None, progress=False)
+    assert train_stage(cfg, mode="restart", log=lambda *_: None, progress=False).status == "finished"

@@ -176,6 +176,9 @@ def test_evaluation_defaults_keep_a_pixelcnn_evaluation_small_on_cpu():
     assert (default_iwae_k(cpu), default_n_samples(cpu)) == (100, 10_000)  # feed-forward: unchanged
     assert (default_iwae_k(cpu, True), default_n_samples(cpu, True)) == (10, 256)
     assert (default_iwae_k(cuda, True), default_n_samples(cuda, True)) == (100, 10_000)
+    # Pixel by pixel on a CPU, other sizes get as many drawn values in all (bounded to 64 … 10,000).
+    assert [default_n_samples(cpu, True, c * s * s) for c, s in ((1, 28), (3, 64), (3, 32), (1, 8), (1, 4))] \
+        == [256, 64, 65, 3136, 10_000]
 
 
 @pytest.mark.parametrize(

@@ -355,6 +355,18 @@ def test_ensure_classifier_caches_by_shape_and_class_count_and_refuses_unlabelle
         C.ensure_classifier(DataConfig(), _splits((3, 16, 16), 4, labelled=False), torch.device("cpu"))
 
 
+def test_a_single_class_gets_no_classifier_since_its_loss_is_zero_at_any_weights():
+    from pipeline import classifier as C
+
+    model = C.FeatureClassifier((1, 8, 8), n_classes=1)
+    x = torch.rand(16, 1, 8, 8, generator=_gen(17))
+    loss = F.cross_entropy(model(x), torch.zeros(16, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and all(not p.grad.any() for p in model.parameters())  # training could never move it
+    with pytest.raises(C.ClassifierUnavailable, match="'generated' has 1 class"):
+        C.train_classifier(_splits((1, 8, 8), 1, n=32), torch.device("cpu"), epochs=1, log=lambda *_: None)
+
+
 def test_a_classifier_cached_before_shapes_were_recorded_counts_as_1x28x28_with_10_classes(monkeypatch, tmp_path):
     from pipeline import classifier as C
     from pipeline.config import DataConfig
@@ -451,3 +463,31 @@ def test_grid_rows_refuses_what_is_not_a_grid(tmp_path):
     assert _grid_rows(tmp_path / "noise.png", [0]) is None
     samples = save_grid(torch.rand(16, 1, 20, 20, generator=_gen(14)), tmp_path / "samples.png", nrow=4)
     assert _grid_rows(samples, [0], ncol=4) is not None and _grid_rows(samples, [0], ncol=8) is None
+
+
+@pytest.mark.parametrize("shape, scale", [((3, 12, 20), 2), ((1, 20, 12), 2), ((3, 8, 64), 1)])
+def test_grid_rows_of_non_square_tiles_find_the_tile_height(tmp_path, shape, scale):
+    # A source without data.image_size keeps its own H×W: its grids must not drop out of the report's panel.
+    from pipeline.report.figures import _grid_rows
+
+    c, h, w = shape
+    originals = torch.rand(16, *shape, generator=_gen(15))
+    originals[:, :, 0] = 1.0  # a white first row in every tile is content, not a gutter
+    recon = torch.rand(16, *shape, generator=_gen(16))
+    path = save_grid(pairs(originals, recon), tmp_path / "recon.png", nrow=8, scale=scale)
+    got = _grid_rows(path, [0, 2])
+    assert got is not None and got.shape[:2] == (2 * scale * (h + 2), scale * (8 * (w + 2) + 2))
+
+    def tile(rows, row, col):
+        y, x = scale * (row * (h + 2) + 1), scale * (2 + col * (w + 2))
+        return rows[y : y + scale * h : scale, x : x + scale * w : scale]
+
+    def expected(image):
+        pixels = (image.permute(1, 2, 0).numpy() * 255).round() / 255
+        return pixels if c == 3 else pixels[..., 0]
+
+    for row, first in enumerate([0, 8]):  # grid rows 0 and 2 hold originals 0–7 and 8–15
+        for col in range(8):
+            np.testing.assert_allclose(tile(got, row, col), expected(originals[first + col]), atol=1e-6)
+    np.testing.assert_allclose(tile(_grid_rows(path, [3]), 0, 7), expected(recon[15]), atol=1e-6)
+    assert _grid_rows(path, [4]) is None  # 4 rows: 0–3

@@ -528,33 +528,36 @@ GRID_SCALES = (2, 1, 3, 4)
 
 
 def _grid_geometry(img: np.ndarray, ncol: int) -> tuple[int, int, int] | None:
-    """(scale, tile side, rows) of a grid of square tiles written by pipeline.images.save_grid with `ncol`
-    columns, or None if it is not one. At each candidate scale the width fixes the tile side and the
-    height the number of rows; the scale is accepted when the image is that upscaling of a smaller one
-    and every gutter is white."""
+    """(scale, tile height, rows) of a grid written by pipeline.images.save_grid with `ncol` columns, or
+    None if it is not one. At each candidate scale the width fixes the tile width; the scale is accepted
+    when the image is that upscaling of a smaller one, the height holds whole rows of tiles and every
+    gutter is white. Square tiles (any image prepared with data.image_size) are looked for first, at
+    every scale; then other tile heights from 1 px up (a source kept at its own H×W)."""
     height, width = img.shape[:2]
-    for s in GRID_SCALES:
-        if height % s or width % s or (width // s - GRID_PAD) % ncol:
-            continue
-        pitch = (width // s - GRID_PAD) // ncol
-        tile = pitch - GRID_PAD
-        if tile < 1 or (height // s - GRID_PAD) % pitch:
-            continue
-        small = img[::s, ::s]
-        if not np.array_equal(np.repeat(np.repeat(small, s, axis=0), s, axis=1), img):
-            continue
-        gutter = np.ones(small.shape[:2], dtype=bool)
-        for start in range(GRID_PAD, small.shape[0], pitch):
-            gutter[start : start + tile, :] = False
-        gutter[:, np.arange(small.shape[1]) % pitch < GRID_PAD] = True
-        if (small[gutter] == 1.0).all():
-            return s, tile, (height // s - GRID_PAD) // pitch
+    for square in (True, False):
+        for s in GRID_SCALES:
+            if height % s or width % s or (width // s - GRID_PAD) % ncol:
+                continue
+            pitch_w = (width // s - GRID_PAD) // ncol
+            tile_w, inner = pitch_w - GRID_PAD, height // s - GRID_PAD  # inner = rows · (tile height + gutter)
+            heights = [tile_w] if square else [t for t in range(1, inner) if t != tile_w]
+            heights = [t for t in heights if t >= 1 and inner % (t + GRID_PAD) == 0]
+            if tile_w < 1 or not heights:
+                continue
+            small = img[::s, ::s]
+            if not np.array_equal(np.repeat(np.repeat(small, s, axis=0), s, axis=1), img):
+                continue
+            if not (small[:, np.arange(small.shape[1]) % pitch_w < GRID_PAD] == 1.0).all():
+                continue
+            for tile_h in heights:
+                if (small[np.arange(small.shape[0]) % (tile_h + GRID_PAD) < GRID_PAD] == 1.0).all():
+                    return s, tile_h, inner // (tile_h + GRID_PAD)
     return None
 
 
 def _grid_rows(path: Path, rows: list[int], ncol: int = 8) -> np.ndarray | None:
-    """Rows of an image grid written by pipeline.images.save_grid (square tiles of any size, white
-    gutters, upscaled), each with half a gutter above and below: (H, W) grey or (H, W, 3) colour in
+    """Rows of an image grid written by pipeline.images.save_grid (tiles of any size, white gutters,
+    upscaled), each with half a gutter above and below: (H, W) grey or (H, W, 3) colour in
     [0, 1], or None if the file is not such a grid or lacks a row."""
     img = plt.imread(path)
     if img.ndim == 3:

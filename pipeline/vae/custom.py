@@ -81,7 +81,8 @@ def load_class(spec: str, key: str) -> type[nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):  # the module itself (or a parent package) is missing
+        # The module itself or a parent package is missing, not a module it imports (nets_v2 importing nets).
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
             raise CustomModuleError(
                 f"{key}={spec!r}: cannot import module {module_name!r} (ModuleNotFoundError: {e}); install the "
                 "package that holds it (pip install -e <its project>) or put its directory on PYTHONPATH "
