@@ -36,7 +36,7 @@ DEBIAN_POSTGRES = if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! 
 	echo "[setup] installing Debian package postgresql (for the multi-worker tests)"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; fi
 
-.PHONY: help setup data train evaluate plan study resume status workers dashboard report demo test bench ui lint clean \
+.PHONY: help setup data train evaluate plan study resume status workers dashboard report demo test test-slow bench ui lint clean \
 	postgres postgres-stop server server-stop
 
 help: ## list the targets
@@ -54,7 +54,7 @@ $(PREPARED): | $(STAMP)
 
 setup: $(STAMP) $(PREPARED) ## create .venv, install the package (editable, dev extras) and prepare the dataset (local copy, else download)
 
-data: $(STAMP) ## prepare the dataset (DATASET=fashion-mnist|mnist; DOWNLOAD=1 allows a torchvision download)
+data: $(STAMP) ## prepare the dataset (DATASET=fashion-mnist|mnist|cifar10|svhn|celeba|PATH; DOWNLOAD=1 allows a torchvision download)
 	@$(DEBIAN_DATA)
 	$(PY) -m pipeline prepare --dataset $(DATASET) $(if $(DOWNLOAD),--download)
 
@@ -99,10 +99,15 @@ demo: setup ## set up, then run the demo study (β × likelihood grid, train + e
 	@echo "  make dashboard STUDY=studies/demo.yaml  # http://127.0.0.1:8080, the Optuna view of the same study"
 	@echo "Killed midway? Run make demo again: finished trials are kept, the interrupted one resumes."
 
-test: setup ## set up and run the test suite (CPU, ~15 min on 2 cores)
+test: setup ## set up and run the test suite except the slow campaigns (CPU, ~12 min on 2 cores)
 	@$(DEBIAN_CHROMIUM)
 	@$(DEBIAN_POSTGRES)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup ## the slow campaigns: a study killed a dozen times, a full disk, SIGKILL mid-trial, 3 workers on PostgreSQL (~4 min)
+	@$(DEBIAN_CHROMIUM)
+	@$(DEBIAN_POSTGRES)
+	$(PY) -m pytest -q -m slow
 
 bench: setup ## training throughput vs a DataLoader loop and vs tracking off, system-metrics cost, metric ingest, KID/precision/recall cost, PixelCNN sampling speed, report time (100 trials; 1,000 trials × 10,000 steps), status time, study trials/hour on PostgreSQL, tracking-server ingest; writes bench/RESULTS.md
 	$(PY) bench/bench_train.py

@@ -56,6 +56,7 @@ def _kill_when(home: Path, cmd: list[str], pattern: str | None, delay: float, pa
     return "killed"
 
 
+@pytest.mark.slow
 def test_a_study_killed_at_a_dozen_seeded_moments_ends_as_an_uninterrupted_one(home):
     """Kills aimed at every phase (store creation, checkpoints, evaluation, results, the parent run's close)
     plus seeded random moments; after each the same command runs again, and at the end every invariant of
@@ -124,6 +125,7 @@ def _can_mount_tmpfs(where: Path) -> bool:
     return ok
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_in_one_clear_error_and_resumes_cleanly_once_space_is_freed(tmp_path, prepared_data_dir):
     disk = tmp_path / "disk"
     if not _can_mount_tmpfs(disk):

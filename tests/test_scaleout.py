@@ -71,6 +71,7 @@ def _worker_env(servers) -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_three_workers_on_postgres_and_a_tracking_server_survive_a_killed_worker(servers, monkeypatch):
     import optuna
 

@@ -187,6 +187,7 @@ def _check_what_the_mlflow_ui_and_the_dashboard_show(home: Path, spec, runs: lis
     return points
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_the_same_command_finishes_with_nothing_lost_or_duplicated(home):
     path = _write_study(home, "killed", {"objective.beta": [1, 2, 4]}, **{"data.train_subset": 2048, "train.epochs": 2})
     cmd = _run_study_and_kill_it_when(home, path, "0001-*/checkpoint.pt")
