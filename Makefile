@@ -104,7 +104,7 @@ test: setup ## set up and run the test suite except the slow campaigns (CPU, ~12
 	@$(DEBIAN_POSTGRES)
 	$(PY) -m pytest -q -m "not slow"
 
-test-slow: setup ## the slow campaigns: a study killed a dozen times, a full disk, SIGKILL mid-trial, 3 workers on PostgreSQL (~4 min)
+test-slow: setup ## the slow campaigns: a study killed a dozen times, a full disk, SIGKILL mid-trial, 3 workers on PostgreSQL (~5 min)
 	@$(DEBIAN_CHROMIUM)
 	@$(DEBIAN_POSTGRES)
 	$(PY) -m pytest -q -m slow
