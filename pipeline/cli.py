@@ -148,13 +148,13 @@ def _cmd_prepare(args) -> int:
     from tqdm.auto import tqdm
 
     from pipeline.config import build_config
-    from pipeline.data import load_splits, prepare
+    from pipeline.data import DataOptions, load_splits, prepare
 
     # Validated as a run's data section would be: the same messages for a bad path, size or channel count.
     d = build_config({"data": {"dataset": args.dataset, "val_size": args.val_size, "split_seed": args.split_seed,
                                "image_size": args.image_size, "channels": args.channels,
                                "test_fraction": args.test_fraction}}).data
-    options = dict(image_size=d.image_size, channels=d.channels, test_fraction=d.test_fraction)
+    options = DataOptions.of(d).conversions
     prepare(d.dataset, val_size=d.val_size, split_seed=d.split_seed, raw_dir=args.raw_dir, download=args.download,
             force=args.force, progress=partial(tqdm, disable=None), **options)  # no bars in a log file
     if not args.no_classifier:

@@ -110,8 +110,13 @@ class DataOptions:
 
     @classmethod
     def of(cls, data_cfg) -> DataOptions:
-        return cls(data_cfg.dataset, data_cfg.val_size, data_cfg.split_seed, getattr(data_cfg, "image_size", None),
-                   getattr(data_cfg, "channels", None), getattr(data_cfg, "test_fraction", 0.1))
+        return cls(data_cfg.dataset, data_cfg.val_size, data_cfg.split_seed, data_cfg.image_size, data_cfg.channels,
+                   data_cfg.test_fraction)
+
+    @property
+    def conversions(self) -> dict:
+        """The keyword options of prepare and load_splits beyond the dataset and its split."""
+        return dict(image_size=self.image_size, channels=self.channels, test_fraction=self.test_fraction)
 
     @property
     def named(self) -> bool:
@@ -133,7 +138,7 @@ class DataOptions:
 
 def processed_dir(dataset: str, val_size: int, split_seed: int, root: Path | None = None) -> Path:
     """Where a named dataset's splits are cached, without conversions (see prepared_dir)."""
-    return (root or paths.data_dir()) / "processed" / dataset / f"val{val_size}-seed{split_seed}"
+    return prepared_dir(DataOptions(dataset, val_size, split_seed), root)
 
 
 def source_path(dataset: str) -> Path:
@@ -533,9 +538,8 @@ def ensure_splits(data_cfg, log=print, progress: Callable | None = None) -> Spli
 
         progress = partial(tqdm, disable=None, leave=False)  # disable=None: off when not a TTY
     o = DataOptions.of(data_cfg)
-    options = dict(image_size=o.image_size, channels=o.channels, test_fraction=o.test_fraction)
-    prepare(o.dataset, val_size=o.val_size, split_seed=o.split_seed, log=log, progress=progress, **options)
-    return load_splits(o.dataset, o.val_size, o.split_seed, **options)
+    prepare(o.dataset, val_size=o.val_size, split_seed=o.split_seed, log=log, progress=progress, **o.conversions)
+    return load_splits(o.dataset, o.val_size, o.split_seed, **o.conversions)
 
 
 def binarize_static(images_u8: torch.Tensor, seed: int) -> torch.Tensor:
